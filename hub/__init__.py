@@ -1,0 +1,3 @@
+"""attendance-hub: a real-time time-and-attendance hub."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,293 @@
+"""The `attendance-hub` command: serve, migrate, tenant create, worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import asyncpg
+import uvicorn
+
+from hub import store
+from hub.app import Hub, create_app
+from hub.config import ConfigError, Settings
+from hub.embedded_pg import DataDirBusy, EmbeddedPostgres
+from hub.migrate import migrate
+from hub.tokens import TokenIssuer, load_or_create_secret
+
+log = logging.getLogger("attendance_hub")
+
+ADMIN_TOKEN_TTL_S = 30 * 24 * 3600
+DRAIN_TIMEOUT_S = 10.0
+
+
+class CliError(Exception):
+    """A problem the operator can fix; printed without a traceback."""
+
+
+@dataclass(slots=True)
+class Database:
+    dsn: str
+    secret: str
+    embedded: EmbeddedPostgres | None
+
+
+@contextmanager
+def open_database(settings: Settings, *, serving: bool) -> Iterator[Database]:
+    """The DSN and signing secret for these settings, starting the embedded server if needed."""
+    if settings.database_url is not None:
+        if settings.secret is None:
+            raise CliError(
+                "ATTENDANCE_SECRET is required with ATTENDANCE_DATABASE_URL: every hub and "
+                "worker must sign and verify tokens with the same key"
+            )
+        yield Database(settings.database_url, settings.secret, None)
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    if serving:
+        try:
+            embedded.claim_for_serving()
+        except DataDirBusy as exc:
+            raise CliError(str(exc)) from None
+    try:
+        dsn = embedded.start()
+        secret = settings.secret or load_or_create_secret(settings.data_dir)
+        yield Database(dsn, secret, embedded)
+    finally:
+        embedded.stop()
+        embedded.release()
+
+
+async def _migrate(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def create_tenant(dsn: str, secret: str, slug: str, name: str, timezone: str) -> str:
+    """Create the tenant if needed and return a fresh admin token for it."""
+    await _migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await store.init_connection(conn)
+        await store.ensure_tenant(conn, slug, name, timezone)
+    finally:
+        await conn.close()
+    token, _ = TokenIssuer(secret).issue(
+        tenant=slug, role="admin", sub="cli", ttl_s=ADMIN_TOKEN_TTL_S
+    )
+    return token
+
+
+DEMO_EMPLOYEES = [
+    ("ada", "Ada Lovelace", "1001"),
+    ("grace", "Grace Hopper", "1002"),
+    ("alan", "Alan Turing", "1003"),
+    ("katherine", "Katherine Johnson", "1004"),
+    ("edsger", "Edsger Dijkstra", "1005"),
+]
+
+
+async def provision_demo(dsn: str, secret: str) -> dict[str, str]:
+    """A demo tenant with one site, five employees and a door terminal; returns tokens."""
+    await create_tenant(dsn, secret, "demo", "Demo Factory", "Europe/Berlin")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await store.init_connection(conn)
+        async with conn.transaction():
+            await store.upsert_site(
+                conn,
+                "demo",
+                "hq",
+                {
+                    "name": "Headquarters",
+                    "timezone": "Europe/Berlin",
+                    "lat": 52.52,
+                    "lon": 13.405,
+                    "radius_m": 200.0,
+                    "policy": {"overtime": "flsa"},
+                },
+            )
+            for employee, name, badge in DEMO_EMPLOYEES:
+                await store.upsert_employee(
+                    conn, "demo", employee, {"name": name, "site": "hq", "badge": badge}
+                )
+            await store.upsert_device(
+                conn, "demo", "door-1", {"site": "hq", "name": "Front door", "adms_sn": None}
+            )
+    finally:
+        await conn.close()
+    issuer = TokenIssuer(secret)
+    return {
+        "admin": issuer.issue(
+            tenant="demo", role="admin", sub="demo-admin", ttl_s=ADMIN_TOKEN_TTL_S
+        )[0],
+        "supervisor": issuer.issue(
+            tenant="demo",
+            role="supervisor",
+            sub="demo-supervisor",
+            sites=["hq"],
+            ttl_s=ADMIN_TOKEN_TTL_S,
+        )[0],
+        "terminal": issuer.issue(
+            tenant="demo", role="terminal", sub="door-1", site="hq", ttl_s=ADMIN_TOKEN_TTL_S
+        )[0],
+        "employee": issuer.issue(
+            tenant="demo", role="employee", sub="ada", employee="ada", ttl_s=ADMIN_TOKEN_TTL_S
+        )[0],
+    }
+
+
+class _HubServer(uvicorn.Server):
+    """uvicorn's server, with a drain step before the first signal's shutdown."""
+
+    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
+        super().__init__(config)
+        self.hub = hub
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or self._drain is not None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await asyncio.wait_for(self.hub.drain(), DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("drain took longer than %.0f s; shutting down anyway", DRAIN_TIMEOUT_S)
+        self.should_exit = True
+
+
+def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
+    if no_workers:
+        raise CliError(
+            "--no-workers hands punches to separate `attendance-hub worker` processes over "
+            "Redis (ATTENDANCE_REDIS_URL); this build runs its persistence worker in-process, "
+            "so start `attendance-hub serve` without --no-workers"
+        )
+    with open_database(settings, serving=True) as database:
+        asyncio.run(_migrate(database.dsn))
+        base = f"http://{settings.host}:{settings.port}"
+        if demo:
+            tokens = asyncio.run(provision_demo(database.dsn, database.secret))
+            _print_demo(base, tokens)
+        hub = Hub(settings, database.dsn, database.secret)
+        config = uvicorn.Config(
+            create_app(hub),
+            host=settings.host,
+            port=settings.port,
+            ws="websockets-sansio",
+            ws_max_size=settings.max_frame_bytes,
+            ws_ping_interval=settings.heartbeat_s,
+            ws_ping_timeout=settings.heartbeat_s,
+            lifespan="on",
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
+        )
+        server = _HubServer(config, hub)
+        print(
+            f"attendance-hub serving on {base} (WebSocket {base.replace('http', 'ws')}/v1/ws)",
+            flush=True,
+        )
+        server.run()
+
+
+def _print_demo(base: str, tokens: dict[str, str]) -> None:
+    print(
+        "Demo tenant `demo`: site `hq`, employees ada grace alan katherine edsger "
+        "(badges 1001-1005), terminal `door-1`."
+    )
+    for role, token in tokens.items():
+        print(f"  {role:<10} token: {token}")
+    print(f"Try:  curl -H 'Authorization: Bearer {tokens['admin'][:12]}...' {base}/v1/employees")
+    print(flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="attendance-hub", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the hub (embedded PostgreSQL by default)")
+    serve_cmd.add_argument(
+        "--no-workers", action="store_true", help="run no persistence worker here (scale-out mode)"
+    )
+    serve_cmd.add_argument(
+        "--demo", action="store_true", help="create a demo tenant and print tokens to try it with"
+    )
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    tenant_cmd = commands.add_parser("tenant", help="manage tenants")
+    tenant_sub = tenant_cmd.add_subparsers(dest="tenant_command", required=True)
+    create_cmd = tenant_sub.add_parser("create", help="create a tenant, print an admin token")
+    create_cmd.add_argument("slug")
+    create_cmd.add_argument("--name")
+    create_cmd.add_argument("--timezone", default="UTC")
+    commands.add_parser("worker", help="run a persistence worker (scale-out mode)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = Settings.from_env()
+        if args.command == "serve":
+            serve(settings, demo=args.demo, no_workers=args.no_workers)
+        elif args.command == "migrate":
+            with open_database(settings, serving=False) as database:
+                applied = asyncio.run(_migrate(database.dsn))
+            print(json.dumps({"applied": applied}))
+        elif args.command == "tenant":
+            _tenant_create(settings, args.slug, args.name or args.slug, args.timezone)
+        elif args.command == "worker":
+            raise CliError(
+                "`attendance-hub worker` needs ATTENDANCE_REDIS_URL and the Redis stream "
+                "handoff, which this build does not have yet; `attendance-hub serve` runs "
+                "the persistence worker in-process"
+            )
+    except (CliError, ConfigError) as exc:
+        print(f"attendance-hub: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _tenant_create(settings: Settings, slug: str, name: str, timezone: str) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    import msgspec
+
+    from hub.protocol import EntityId
+
+    try:
+        msgspec.convert(slug, EntityId)
+    except msgspec.ValidationError:
+        raise CliError("a tenant slug is 1-64 of A-Z a-z 0-9 . _ -") from None
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CliError(f"unknown time zone {timezone!r}") from None
+    with open_database(settings, serving=False) as database:
+        token = asyncio.run(create_tenant(database.dsn, database.secret, slug, name, timezone))
+    print(json.dumps({"tenant": slug, "admin_token": token}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

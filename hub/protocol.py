@@ -1,0 +1,198 @@
+"""Every WebSocket frame, both directions, as msgspec Structs.
+
+One tagged union per direction and one reusable decoder and encoder per
+direction and subprotocol. New fields always get defaults, so older clients
+keep decoding what newer servers send.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+JSON_SUBPROTOCOL: Final = "attendance.v1.json"
+MSGPACK_SUBPROTOCOL: Final = "attendance.v1.msgpack"
+SUBPROTOCOLS: Final = (JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL)
+
+EntityId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Ref = Annotated[str, msgspec.Meta(max_length=128)]
+Token = Annotated[str, msgspec.Meta(max_length=8192)]
+AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
+PunchKind = Literal["in", "out", "break_start", "break_end"]
+PunchMethod = Literal["badge", "pin", "face", "fingerprint", "mobile", "manual"]
+AckStatus = Literal["accepted", "duplicate", "rejected"]
+Badge = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Geo(msgspec.Struct, forbid_unknown_fields=True):
+    lat: Annotated[float, msgspec.Meta(ge=-90, le=90)]
+    lon: Annotated[float, msgspec.Meta(ge=-180, le=180)]
+    accuracy_m: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+class _ClientFrame(msgspec.Struct, tag_field="type", forbid_unknown_fields=False):
+    ref: Ref | None = None
+
+
+class Hello(_ClientFrame, tag="hello"):
+    token: Token = ""
+    client: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class Punch(_ClientFrame, tag="punch"):
+    id: uuid.UUID | None = None
+    kind: PunchKind | None = None
+    at: AwareTime | None = None
+    employee: EntityId | None = None
+    badge: Badge | None = None
+    method: PunchMethod | None = None
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    geo: Geo | None = None
+    offline: bool = False
+
+    def __post_init__(self) -> None:
+        # Required fields are checked here rather than by position so that the
+        # error names the field a terminal author has to fix.
+        for name in ("id", "kind", "at"):
+            if getattr(self, name) is None:
+                raise ValueError(f"punch needs `{name}`")
+        if (self.employee is None) == (self.badge is None):
+            raise ValueError("punch needs exactly one of `employee` or `badge`")
+
+
+class Subscribe(_ClientFrame, tag="subscribe"):
+    channel: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = ""
+    since: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class Unsubscribe(_ClientFrame, tag="unsubscribe"):
+    channel: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = ""
+
+
+class Ping(_ClientFrame, tag="ping"):
+    t: int | None = None
+
+
+class Refresh(_ClientFrame, tag="refresh"):
+    token: Token = ""
+
+
+ClientFrame = Hello | Punch | Subscribe | Unsubscribe | Ping | Refresh
+
+
+class _ServerFrame(msgspec.Struct, tag_field="type", omit_defaults=True):
+    pass
+
+
+class Welcome(_ServerFrame, tag="welcome"):
+    session: str
+    server_time: str
+    heartbeat_s: int
+    role: str
+    tenant: str
+    sub: str
+    ref: str | None = None
+
+
+class Ack(_ServerFrame, tag="ack"):
+    id: str
+    status: AckStatus
+    reason: str | None = None
+    received_at: str | None = None
+    ref: str | None = None
+
+
+class Pong(_ServerFrame, tag="pong"):
+    server_time: str
+    t: int | None = None
+    ref: str | None = None
+
+
+class Refreshed(_ServerFrame, tag="refreshed"):
+    expires_at: str
+    ref: str | None = None
+
+
+class Error(_ServerFrame, tag="error"):
+    code: str
+    message: str
+    ref: str | None = None
+
+
+class Drain(_ServerFrame, tag="drain"):
+    reconnect_after_ms: int
+
+
+ServerFrame = Welcome | Ack | Pong | Refreshed | Error | Drain
+
+
+class _RefOnly(msgspec.Struct):
+    ref: str | None = None
+
+
+class FrameError(ValueError):
+    """A frame that could not be decoded; ``ref`` is the client's, when it could be read."""
+
+    def __init__(self, message: str, ref: str | None) -> None:
+        super().__init__(message)
+        self.ref = ref
+
+
+class Codec:
+    """Decodes client frames and encodes server frames for one subprotocol."""
+
+    def __init__(self, subprotocol: str) -> None:
+        if subprotocol not in SUBPROTOCOLS:
+            raise ValueError(f"unknown subprotocol {subprotocol!r}")
+        self.subprotocol = subprotocol
+        self.binary = subprotocol == MSGPACK_SUBPROTOCOL
+        if self.binary:
+            self._decoder: Any = msgspec.msgpack.Decoder(ClientFrame)
+            self._ref_decoder: Any = msgspec.msgpack.Decoder(_RefOnly)
+            self._encoder: Any = msgspec.msgpack.Encoder()
+        else:
+            self._decoder = msgspec.json.Decoder(ClientFrame)
+            self._ref_decoder = msgspec.json.Decoder(_RefOnly)
+            self._encoder = msgspec.json.Encoder()
+
+    def decode(self, payload: bytes | str) -> ClientFrame:
+        if isinstance(payload, str) == self.binary:
+            kind = "binary" if self.binary else "text"
+            raise FrameError(f"{self.subprotocol} expects {kind} frames", None)
+        try:
+            frame: ClientFrame = self._decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise FrameError(_describe(exc), self._read_ref(payload)) from None
+        return frame
+
+    def encode(self, frame: ServerFrame) -> bytes:
+        data: bytes = self._encoder.encode(frame)
+        return data
+
+    def _read_ref(self, payload: bytes | str) -> str | None:
+        try:
+            found: _RefOnly = self._ref_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        return found.ref if isinstance(found.ref, str) else None
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    if "Invalid value" in text and "$.type" in text:
+        return "unknown frame `type`"
+    if (
+        "missing required field `type`" in text.lower()
+        or "Object missing required field `type`" in text
+    ):
+        return "frame needs a `type` field"
+    return text
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds, the form the server always writes."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"

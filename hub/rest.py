@@ -1,0 +1,476 @@
+"""REST endpoints (PROTOCOL §3): JSON in and out, errors as ``{"error": {code, message}}``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from hub import store
+from hub.protocol import EntityId, format_time
+from hub.tokens import ROLES, Claims, Role, TokenError
+
+if TYPE_CHECKING:
+    from hub.app import Hub
+
+T = TypeVar("T")
+
+DEVICE_TOKEN_TTL_S = 365 * 24 * 3600
+MAX_TOKEN_TTL_S = 400 * 24 * 3600
+MAX_PAGE = 10_000
+DEFAULT_PAGE = 1000
+
+_STATUS_CODES = {
+    400: "invalid",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    429: "rate_limited",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or _STATUS_CODES[status]
+        self.message = message
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(_encoder.encode(body), status_code=status, media_type="application/json")
+
+
+def error_response(exc: ApiError) -> Response:
+    return json_response({"error": {"code": exc.code, "message": exc.message}}, exc.status)
+
+
+def _valid_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ApiError(
+            400, f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin"
+        ) from None
+    return name
+
+
+class Policy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    overtime: Literal["flsa", "california", "none"] | None = None
+    workweek_start: (
+        Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] | None
+    ) = None
+    rounding_minutes: Literal[0, 5, 6, 15] | None = None
+    geofence: Literal["off", "flag", "enforce"] | None = None
+    eu_wtd: bool | None = None
+    grace_minutes: Annotated[int, msgspec.Meta(ge=0, le=240)] | None = None
+
+
+class SiteBody(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    timezone: str
+    lat: Annotated[float, msgspec.Meta(ge=-90, le=90)] | None = None
+    lon: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
+    radius_m: Annotated[float, msgspec.Meta(gt=0, le=100_000)] | None = None
+    policy: Policy = msgspec.field(default_factory=Policy)
+
+
+class EmployeeBody(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    site: EntityId
+    badge: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+
+
+class DeviceBody(msgspec.Struct, forbid_unknown_fields=True):
+    site: EntityId
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    adms_sn: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+
+
+class TokenBody(msgspec.Struct, forbid_unknown_fields=True):
+    role: Role
+    sub: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    employee: EntityId | None = None
+    sites: list[EntityId | Literal["*"]] | None = None
+    site: EntityId | None = None
+    ttl_s: Annotated[int, msgspec.Meta(ge=60, le=MAX_TOKEN_TTL_S)] | None = None
+
+
+class Api:
+    """The REST routes, bound to one hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    # -- plumbing ---------------------------------------------------------
+
+    def claims(self, request: Request, *roles: Role) -> Claims:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "send `Authorization: Bearer <token>`")
+        try:
+            claims = self.hub.tokens.verify(token.strip())
+        except TokenError as exc:
+            raise ApiError(401, str(exc)) from None
+        if roles and claims.role not in roles:
+            raise ApiError(403, f"a {claims.role} token may not do this")
+        return claims
+
+    async def body(self, request: Request, kind: type[T]) -> T:
+        limit = self.hub.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+        try:
+            return msgspec.json.decode(b"".join(chunks), type=kind)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, f"invalid body: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+    def path_id(self, request: Request, name: str) -> str:
+        value: str = request.path_params[name]
+        try:
+            return msgspec.convert(value, EntityId)
+        except msgspec.ValidationError:
+            raise ApiError(400, f"{name} ids are 1-64 of A-Z a-z 0-9 . _ -") from None
+
+    async def audit(
+        self,
+        conn: Any,
+        request: Request,
+        claims: Claims,
+        action: str,
+        target: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> None:
+        await store.record_audit(
+            conn,
+            tenant=claims.tenant,
+            actor=claims.sub,
+            role=claims.role,
+            action=action,
+            target=target,
+            ip=request.client.host if request.client else None,
+            user_agent=request.headers.get("user-agent"),
+            before=before,
+            after=after,
+        )
+
+    # -- sites, employees, devices -----------------------------------------
+
+    async def put_site(self, request: Request) -> Response:
+        claims = self.claims(request, "admin")
+        site = self.path_id(request, "site")
+        body = await self.body(request, SiteBody)
+        _valid_timezone(body.timezone)
+        values = msgspec.to_builtins(body)
+        values.setdefault("policy", {})
+        for key in ("lat", "lon", "radius_m"):
+            values.setdefault(key, None)
+        if (values["lat"] is None) != (values["lon"] is None):
+            raise ApiError(400, "give both `lat` and `lon`, or neither")
+        async with self.hub.pool.acquire() as conn, conn.transaction():
+            before = await store.get_row(
+                conn, "sites", store.SITE_COLUMNS, claims.tenant, site, lock=True
+            )
+            await store.upsert_site(conn, claims.tenant, site, values)
+            after = await store.get_row(conn, "sites", store.SITE_COLUMNS, claims.tenant, site)
+            await self.audit(conn, request, claims, "site.put", f"site:{site}", before, after)
+        return json_response(after, 201 if before is None else 200)
+
+    async def get_site(self, request: Request) -> Response:
+        claims = self.claims(request, "admin", "supervisor")
+        site = self.path_id(request, "site")
+        if not claims.sees_site(site):
+            raise ApiError(403, f"this token does not cover site {site!r}")
+        async with self.hub.pool.acquire() as conn:
+            row = await store.get_row(conn, "sites", store.SITE_COLUMNS, claims.tenant, site)
+        if row is None:
+            raise ApiError(404, f"no site {site!r}")
+        return json_response(row)
+
+    async def list_sites(self, request: Request) -> Response:
+        claims = self.claims(request, "admin", "supervisor")
+        async with self.hub.pool.acquire() as conn:
+            rows = await store.list_rows(conn, "sites", store.SITE_COLUMNS, claims.tenant)
+        return json_response({"sites": [r for r in rows if claims.sees_site(r["id"])]})
+
+    async def put_employee(self, request: Request) -> Response:
+        claims = self.claims(request, "admin")
+        employee = self.path_id(request, "employee")
+        body = await self.body(request, EmployeeBody)
+        values = {"name": body.name, "site": body.site, "badge": body.badge}
+        async with self.hub.pool.acquire() as conn, conn.transaction():
+            if await store.get_row(conn, "sites", "id", claims.tenant, body.site) is None:
+                raise ApiError(400, f"no site {body.site!r}; create it first", "unknown_site")
+            if body.badge is not None:
+                holder = await conn.fetchval(
+                    "SELECT id FROM employees WHERE tenant = $1 AND badge = $2 AND id <> $3",
+                    claims.tenant,
+                    body.badge,
+                    employee,
+                )
+                if holder is not None:
+                    raise ApiError(409, f"badge {body.badge!r} belongs to employee {holder!r}")
+            before = await store.get_row(
+                conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee, lock=True
+            )
+            await store.upsert_employee(conn, claims.tenant, employee, values)
+            after = await store.get_row(
+                conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee
+            )
+            await self.audit(
+                conn, request, claims, "employee.put", f"employee:{employee}", before, after
+            )
+        return json_response(after, 201 if before is None else 200)
+
+    async def get_employee(self, request: Request) -> Response:
+        claims = self.claims(request, "admin", "supervisor")
+        employee = self.path_id(request, "employee")
+        async with self.hub.pool.acquire() as conn:
+            row = await store.get_row(
+                conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee
+            )
+        if row is None or not claims.sees_site(row["site"]):
+            raise ApiError(404, f"no employee {employee!r}")
+        return json_response(row)
+
+    async def list_employees(self, request: Request) -> Response:
+        claims = self.claims(request, "admin", "supervisor")
+        async with self.hub.pool.acquire() as conn:
+            rows = await store.list_rows(
+                conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, "AND erased_at IS NULL"
+            )
+        return json_response({"employees": [r for r in rows if claims.sees_site(r["site"])]})
+
+    async def put_device(self, request: Request) -> Response:
+        claims = self.claims(request, "admin")
+        device = self.path_id(request, "device")
+        body = await self.body(request, DeviceBody)
+        values = {"site": body.site, "name": body.name or device, "adms_sn": body.adms_sn}
+        async with self.hub.pool.acquire() as conn, conn.transaction():
+            if await store.get_row(conn, "sites", "id", claims.tenant, body.site) is None:
+                raise ApiError(400, f"no site {body.site!r}; create it first", "unknown_site")
+            if body.adms_sn is not None:
+                holder = await conn.fetchval(
+                    "SELECT tenant || '/' || id FROM devices WHERE adms_sn = $1 "
+                    "AND NOT (tenant = $2 AND id = $3)",
+                    body.adms_sn,
+                    claims.tenant,
+                    device,
+                )
+                if holder is not None:
+                    raise ApiError(409, f"serial number {body.adms_sn!r} is already registered")
+            before = await store.get_row(
+                conn, "devices", store.DEVICE_COLUMNS, claims.tenant, device, lock=True
+            )
+            await store.upsert_device(conn, claims.tenant, device, values)
+            after = await store.get_row(
+                conn, "devices", store.DEVICE_COLUMNS, claims.tenant, device
+            )
+            await self.audit(conn, request, claims, "device.put", f"device:{device}", before, after)
+        token, _ = self.hub.tokens.issue(
+            tenant=claims.tenant,
+            role="terminal",
+            sub=device,
+            site=body.site,
+            ttl_s=DEVICE_TOKEN_TTL_S,
+        )
+        return json_response({"device": device, "token": token}, 201 if before is None else 200)
+
+    async def list_devices(self, request: Request) -> Response:
+        claims = self.claims(request, "admin", "supervisor")
+        async with self.hub.pool.acquire() as conn:
+            rows = await store.list_rows(conn, "devices", store.DEVICE_COLUMNS, claims.tenant)
+        return json_response({"devices": [r for r in rows if claims.sees_site(r["site"])]})
+
+    # -- tokens -------------------------------------------------------------
+
+    async def post_token(self, request: Request) -> Response:
+        claims = self.claims(request, "admin")
+        body = await self.body(request, TokenBody)
+        if body.role not in ROLES:
+            raise ApiError(400, f"role must be one of {', '.join(ROLES)}")
+        site = None
+        async with self.hub.pool.acquire() as conn:
+            if body.role == "terminal":
+                device = await store.get_row(conn, "devices", "id, site", claims.tenant, body.sub)
+                if device is None:
+                    raise ApiError(
+                        400, f"no device {body.sub!r}; a terminal's `sub` is its device id"
+                    )
+                site = device["site"]
+            if body.role == "employee":
+                employee = body.employee or body.sub
+                row = await store.get_row(conn, "employees", "id", claims.tenant, employee)
+                if row is None:
+                    raise ApiError(400, f"no employee {employee!r}", "unknown_employee")
+            if body.role == "supervisor":
+                for wanted in body.sites or []:
+                    if (
+                        wanted != "*"
+                        and await store.get_row(conn, "sites", "id", claims.tenant, wanted) is None
+                    ):
+                        raise ApiError(400, f"no site {wanted!r}", "unknown_site")
+            await self.audit(
+                conn,
+                request,
+                claims,
+                "token.issue",
+                f"{body.role}:{body.sub}",
+                None,
+                {"role": body.role, "sub": body.sub, "ttl_s": body.ttl_s},
+            )
+        token, exp = self.hub.tokens.issue(
+            tenant=claims.tenant,
+            role=body.role,
+            sub=body.sub,
+            ttl_s=body.ttl_s or (DEVICE_TOKEN_TTL_S if body.role == "terminal" else 24 * 3600),
+            site=site,
+            sites=(body.sites or []) if body.role == "supervisor" else None,
+            employee=(body.employee or body.sub) if body.role == "employee" else None,
+        )
+        expires_at = format_time(datetime.fromtimestamp(exp, UTC))
+        return json_response({"token": token, "expires_at": expires_at}, 201)
+
+    # -- punches --------------------------------------------------------------
+
+    async def list_punches(self, request: Request) -> Response:
+        claims = self.claims(request, "admin", "supervisor", "employee")
+        query = request.query_params
+        employee = query.get("employee")
+        site = query.get("site")
+        for name, value in (("employee", employee), ("site", site)):
+            if value is not None and not _is_entity_id(value):
+                raise ApiError(400, f"`{name}` is not a valid id")
+        if claims.role == "employee":
+            if employee not in (None, claims.employee):
+                raise ApiError(403, "an employee token reads only its own punches")
+            employee = claims.employee
+        sites: list[str] | None = None
+        if claims.role == "supervisor" and "*" not in claims.sites:
+            if site is not None and site not in claims.sites:
+                raise ApiError(403, f"this token does not cover site {site!r}")
+            sites = list(claims.sites)
+        limit = _int_param(query.get("limit"), "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        start = _time_param(query.get("from"), "from")
+        end = _time_param(query.get("to"), "to")
+        after = _decode_cursor(query["after"]) if "after" in query else None
+        async with self.hub.pool.acquire() as conn:
+            rows = await store.list_punches(
+                conn,
+                claims.tenant,
+                employee=employee,
+                site=site,
+                sites=sites,
+                start=start,
+                end=end,
+                after=after,
+                limit=limit + 1,
+            )
+        page = rows[:limit]
+        punches = [_punch_json(r) for r in page]
+        body: dict[str, Any] = {"punches": punches}
+        if len(rows) > limit:
+            last = page[-1]
+            body["next"] = _encode_cursor(last["at"], str(last["id"]))
+        return json_response(body)
+
+    # -- health -------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        problems = await self.hub.readiness_problems()
+        if problems:
+            return json_response(
+                {
+                    "status": "unavailable",
+                    "error": {"code": "not_ready", "message": "; ".join(problems)},
+                },
+                503,
+            )
+        return json_response({"status": "ready"})
+
+
+def _is_entity_id(value: str) -> bool:
+    try:
+        msgspec.convert(value, EntityId)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"`{name}` must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _time_param(raw: str | None, name: str) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ApiError(400, f"`{name}` must be an RFC 3339 time with an offset")
+    return moment
+
+
+def _encode_cursor(at: datetime, punch_id: str) -> str:
+    raw = f"{at.astimezone(UTC).isoformat()}|{punch_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at_text, punch_id = raw.split("|", 1)
+        return datetime.fromisoformat(at_text), str(uuid.UUID(punch_id))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "`after` is not a cursor this API returned") from None
+
+
+def _punch_json(row: Any) -> dict[str, Any]:
+    punch = {
+        "id": str(row["id"]),
+        "employee": row["employee"],
+        "kind": row["kind"],
+        "at": format_time(row["at"]),
+        "received_at": format_time(row["received_at"]),
+        "site": row["site"],
+        "source": row["source"],
+        "flags": list(row["flags"]),
+    }
+    if row["device"] is not None:
+        punch["device"] = row["device"]
+    if row["method"] is not None:
+        punch["method"] = row["method"]
+    return punch

@@ -1,0 +1,214 @@
+"""One WebSocket session as a state machine: frames in, actions out, no I/O.
+
+The asyncio layer in ``hub/ws.py`` feeds decoded frames to ``Session.receive``
+and carries out what comes back: send a frame, hand a punch to the
+persistence worker, or close the socket.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from hub import protocol as p
+from hub.tokens import Claims, TokenError, TokenIssuer
+from workers.persist import PunchRequest, Source
+
+FUTURE_TOLERANCE: Final = timedelta(minutes=5)
+
+# Close codes (RFC 6455 reserves 4000-4999 for applications).
+CLOSE_BAD_TOKEN: Final = 4001
+CLOSE_HELLO_REQUIRED: Final = 4002
+CLOSE_FLOOD: Final = 4008
+CLOSE_SLOW_CONSUMER: Final = 4009
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_RESTART: Final = 1012
+
+# More bad frames than this within the window closes the socket with 4008.
+BAD_FRAME_LIMIT: Final = 20
+BAD_FRAME_WINDOW: Final = timedelta(seconds=10)
+
+
+_SOURCES: Final[dict[str, Source]] = {"terminal": "terminal", "employee": "mobile", "admin": "api"}
+
+
+class SessionState(enum.Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    frame: p.ServerFrame
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitPunch:
+    request: PunchRequest
+    ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+Action = Send | SubmitPunch | Close
+
+
+class Session:
+    def __init__(self, tokens: TokenIssuer, *, heartbeat_s: int) -> None:
+        self.id = uuid.uuid4().hex
+        self.state = SessionState.AWAITING_HELLO
+        self.claims: Claims | None = None
+        self._tokens = tokens
+        self._heartbeat_s = heartbeat_s
+        self._bad_frames: deque[datetime] = deque()
+
+    def receive(self, frame: p.ClientFrame, now: datetime) -> list[Action]:
+        if self.state is SessionState.CLOSED:
+            raise IllegalTransition("a closed session received a frame")
+        if self.state is SessionState.AWAITING_HELLO:
+            if not isinstance(frame, p.Hello):
+                return self._close(
+                    CLOSE_HELLO_REQUIRED,
+                    "hello_required",
+                    "the first frame must be `hello` with a token",
+                    frame.ref,
+                )
+            return self._hello(frame, now)
+        claims = self.claims
+        assert claims is not None
+        if claims.exp <= now.timestamp():
+            return self._close(CLOSE_BAD_TOKEN, "token_expired", "the token has expired", None)
+        match frame:
+            case p.Punch():
+                return self._punch(frame, claims, now)
+            case p.Ping(t=t, ref=ref):
+                return [Send(p.Pong(server_time=p.format_time(now), t=t, ref=ref))]
+            case p.Refresh():
+                return self._refresh(frame, claims)
+            case p.Subscribe() | p.Unsubscribe():
+                return [
+                    Send(
+                        p.Error(
+                            code="unknown_channel",
+                            message=f"no channel {frame.channel!r} is available on this hub",
+                            ref=frame.ref,
+                        )
+                    )
+                ]
+            case p.Hello():
+                return [
+                    Send(p.Error(code="bad_frame", message="already said hello", ref=frame.ref))
+                ]
+        raise AssertionError(f"unhandled frame {frame!r}")
+
+    def bad_frame(self, message: str, ref: str | None, now: datetime) -> list[Action]:
+        """A frame that failed to decode: answer it, and close on a flood of them."""
+        if self.state is SessionState.CLOSED:
+            raise IllegalTransition("a closed session received a frame")
+        self._bad_frames.append(now)
+        while self._bad_frames and now - self._bad_frames[0] > BAD_FRAME_WINDOW:
+            self._bad_frames.popleft()
+        if len(self._bad_frames) > BAD_FRAME_LIMIT:
+            return self._close(
+                CLOSE_FLOOD, "rate_limited", "too many malformed frames; slow down", ref
+            )
+        return [Send(p.Error(code="bad_frame", message=message, ref=ref))]
+
+    def closed(self) -> None:
+        self.state = SessionState.CLOSED
+
+    def _hello(self, hello: p.Hello, now: datetime) -> list[Action]:
+        try:
+            claims = self._tokens.verify(hello.token)
+        except TokenError as exc:
+            return self._close(CLOSE_BAD_TOKEN, "bad_token", str(exc), hello.ref)
+        self.claims = claims
+        self.state = SessionState.OPEN
+        welcome = p.Welcome(
+            session=self.id,
+            server_time=p.format_time(now),
+            heartbeat_s=self._heartbeat_s,
+            role=claims.role,
+            tenant=claims.tenant,
+            sub=claims.sub,
+            ref=hello.ref,
+        )
+        return [Send(welcome)]
+
+    def _punch(self, punch: p.Punch, claims: Claims, now: datetime) -> list[Action]:
+        assert punch.id is not None and punch.kind is not None and punch.at is not None
+        punch_id = str(punch.id)
+
+        def reject(reason: str) -> list[Action]:
+            ack = p.Ack(
+                id=punch_id,
+                status="rejected",
+                reason=reason,
+                received_at=p.format_time(now),
+                ref=punch.ref,
+            )
+            return [Send(ack)]
+
+        if claims.role == "supervisor":
+            return reject("forbidden")
+        if claims.role == "employee" and punch.employee not in (None, claims.employee):
+            return reject("forbidden")
+        if punch.at - now > FUTURE_TOLERANCE:
+            return reject("invalid_time")
+        geo = punch.geo
+        request = PunchRequest(
+            tenant=claims.tenant,
+            id=punch.id,
+            kind=punch.kind,
+            at=punch.at,
+            received_at=now,
+            source=_SOURCES[claims.role],
+            employee=punch.employee,
+            badge=punch.badge,
+            site=claims.site if claims.role == "terminal" else None,
+            device=claims.sub if claims.role == "terminal" else None,
+            method=punch.method,
+            seq=punch.seq,
+            lat=geo.lat if geo else None,
+            lon=geo.lon if geo else None,
+            accuracy_m=geo.accuracy_m if geo else None,
+            offline=punch.offline,
+            only_employee=claims.employee if claims.role == "employee" else None,
+        )
+        return [SubmitPunch(request, punch.ref)]
+
+    def _refresh(self, refresh: p.Refresh, claims: Claims) -> list[Action]:
+        try:
+            fresh = self._tokens.verify(refresh.token)
+        except TokenError as exc:
+            return self._close(CLOSE_BAD_TOKEN, "bad_token", str(exc), refresh.ref)
+        if (fresh.tenant, fresh.role, fresh.sub) != (claims.tenant, claims.role, claims.sub):
+            return [
+                Send(
+                    p.Error(
+                        code="forbidden",
+                        message="a refresh token must be for the same tenant, role and subject",
+                        ref=refresh.ref,
+                    )
+                )
+            ]
+        self.claims = fresh
+        expires = datetime.fromtimestamp(fresh.exp).astimezone()
+        return [Send(p.Refreshed(expires_at=p.format_time(expires), ref=refresh.ref))]
+
+    def _close(self, code: int, error_code: str, message: str, ref: str | None) -> list[Action]:
+        self.state = SessionState.CLOSED
+        return [Send(p.Error(code=error_code, message=message, ref=ref)), Close(code, error_code)]

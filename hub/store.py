@@ -1,0 +1,187 @@
+"""Data access for the REST API and the CLI (asyncpg).
+
+The punch path has its own batched SQL in workers/persist.py.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from hub.types import Conn
+
+SITE_COLUMNS: Final = "id, name, timezone, lat, lon, radius_m, policy"
+EMPLOYEE_COLUMNS: Final = "id, name, site, badge"
+DEVICE_COLUMNS: Final = "id, site, name, adms_sn"
+
+
+async def init_connection(conn: Conn) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 8) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=init_connection, command_timeout=30
+    )
+    assert pool is not None
+    return pool
+
+
+async def ensure_tenant(conn: Conn, slug: str, name: str, timezone: str) -> bool:
+    """Create the tenant if it is new; return whether it was created."""
+    row = await conn.fetchrow(
+        """INSERT INTO tenants (id, name, timezone) VALUES ($1, $2, $3)
+           ON CONFLICT (id) DO NOTHING RETURNING id""",
+        slug,
+        name,
+        timezone,
+    )
+    return row is not None
+
+
+async def tenant_exists(conn: Conn, slug: str) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)", slug))
+
+
+async def get_row(
+    conn: Conn,
+    table: str,
+    columns: str,
+    tenant: str,
+    entity: str,
+    *,
+    lock: bool = False,
+) -> dict[str, Any] | None:
+    # `table` and `columns` are module constants, never user input.
+    row = await conn.fetchrow(
+        f"SELECT {columns} FROM {table} WHERE tenant = $1 AND id = $2"
+        + (" FOR UPDATE" if lock else ""),
+        tenant,
+        entity,
+    )
+    return dict(row) if row is not None else None
+
+
+async def list_rows(
+    conn: Conn, table: str, columns: str, tenant: str, extra: str = ""
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {columns} FROM {table} WHERE tenant = $1 {extra} ORDER BY id", tenant
+    )
+    return [dict(r) for r in rows]
+
+
+async def upsert_site(conn: Conn, tenant: str, site: str, body: dict[str, Any]) -> None:
+    await conn.execute(
+        """INSERT INTO sites (tenant, id, name, timezone, lat, lon, radius_m, policy)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (tenant, id) DO UPDATE SET
+             name = EXCLUDED.name, timezone = EXCLUDED.timezone, lat = EXCLUDED.lat,
+             lon = EXCLUDED.lon, radius_m = EXCLUDED.radius_m, policy = EXCLUDED.policy,
+             updated_at = now()""",
+        tenant,
+        site,
+        body["name"],
+        body["timezone"],
+        body["lat"],
+        body["lon"],
+        body["radius_m"],
+        body["policy"],
+    )
+
+
+async def upsert_employee(conn: Conn, tenant: str, employee: str, body: dict[str, Any]) -> None:
+    await conn.execute(
+        """INSERT INTO employees (tenant, id, name, site, badge) VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (tenant, id) DO UPDATE SET
+             name = EXCLUDED.name, site = EXCLUDED.site, badge = EXCLUDED.badge,
+             updated_at = now()""",
+        tenant,
+        employee,
+        body["name"],
+        body["site"],
+        body["badge"],
+    )
+
+
+async def upsert_device(conn: Conn, tenant: str, device: str, body: dict[str, Any]) -> None:
+    await conn.execute(
+        """INSERT INTO devices (tenant, id, site, name, adms_sn) VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (tenant, id) DO UPDATE SET
+             site = EXCLUDED.site, name = EXCLUDED.name, adms_sn = EXCLUDED.adms_sn,
+             updated_at = now()""",
+        tenant,
+        device,
+        body["site"],
+        body["name"],
+        body["adms_sn"],
+    )
+
+
+async def record_audit(
+    conn: Conn,
+    *,
+    tenant: str,
+    actor: str,
+    role: str,
+    action: str,
+    target: str,
+    ip: str | None,
+    user_agent: str | None,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+) -> None:
+    await conn.execute(
+        """INSERT INTO audit_log
+                  (tenant, actor, role, action, target, ip, user_agent, before, after)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+        tenant,
+        actor,
+        role,
+        action,
+        target,
+        ip,
+        user_agent,
+        before,
+        after,
+    )
+
+
+async def list_punches(
+    conn: Conn,
+    tenant: str,
+    *,
+    employee: str | None,
+    site: str | None,
+    sites: list[str] | None,
+    start: datetime | None,
+    end: datetime | None,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Committed punches ordered by (at, id); ``sites`` limits a supervisor to its own."""
+    return await conn.fetch(
+        """SELECT id, employee, kind, at, received_at, site, device, method, source, flags
+             FROM punches
+            WHERE tenant = $1
+              AND ($2::text IS NULL OR employee = $2)
+              AND ($3::text IS NULL OR site = $3)
+              AND ($4::text[] IS NULL OR site = ANY($4))
+              AND ($5::timestamptz IS NULL OR at >= $5)
+              AND ($6::timestamptz IS NULL OR at < $6)
+              AND ($7::timestamptz IS NULL OR (at, id) > ($7, $8::uuid))
+            ORDER BY at, id
+            LIMIT $9""",
+        tenant,
+        employee,
+        site,
+        sites,
+        start,
+        end,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )

@@ -1,0 +1,231 @@
+"""The asyncio layer around ``Session``: reads frames, writes frames, hands punches on.
+
+Each connection has one bounded outbound queue drained by its own writer task,
+so a client that stops reading fills only its own queue and is then closed
+with 4009 instead of slowing the acks of everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from hub import metrics
+from hub import protocol as p
+from hub.session import (
+    CLOSE_HELLO_REQUIRED,
+    CLOSE_RESTART,
+    CLOSE_SLOW_CONSUMER,
+    Close,
+    Send,
+    Session,
+    SubmitPunch,
+)
+from workers.persist import PunchOutcome, StoreUnavailable
+
+if TYPE_CHECKING:
+    from hub.app import Hub
+
+log = logging.getLogger(__name__)
+
+_CLOSE_NOW = object()
+
+
+class Connection:
+    def __init__(self, hub: Hub, websocket: WebSocket, codec: p.Codec) -> None:
+        self.hub = hub
+        self.websocket = websocket
+        self.codec = codec
+        self.session = Session(hub.tokens, heartbeat_s=hub.settings.heartbeat_s)
+        self._outbox: asyncio.Queue[bytes | tuple[int, str]] = asyncio.Queue(
+            maxsize=hub.settings.send_queue_frames
+        )
+        self._closing = False
+        self._role = "anonymous"
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.session.id}")
+        metrics.CONNECTIONS.labels(self._role).inc()
+        self.hub.connections.add(self)
+        try:
+            await self._read()
+        finally:
+            self.hub.connections.discard(self)
+            metrics.CONNECTIONS.labels(self._role).dec()
+            self.session.closed()
+            self._closing = True
+            if not writer.done():
+                # Let the writer finish what is queued (a close frame, say) first.
+                try:
+                    self._outbox.put_nowait((1000, ""))
+                except asyncio.QueueFull:
+                    writer.cancel()
+                try:
+                    await asyncio.wait_for(writer, timeout=5)
+                except (TimeoutError, asyncio.CancelledError):
+                    writer.cancel()
+
+    async def drain(self) -> None:
+        """Tell the client to reconnect elsewhere soon, then close with 1012."""
+        self.send(p.Drain(reconnect_after_ms=random.randint(500, 3000)))
+        self.close(CLOSE_RESTART, "server restart")
+
+    def send(self, frame: p.ServerFrame) -> None:
+        if self._closing:
+            return
+        try:
+            self._outbox.put_nowait(self.codec.encode(frame))
+        except asyncio.QueueFull:
+            log.info("closing session %s: it does not read its frames", self.session.id)
+            self._closing = True
+            self._jump_close(CLOSE_SLOW_CONSUMER, "slow_consumer")
+            return
+        metrics.FRAMES.labels("out", frame.__struct_config__.tag).inc()
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self._outbox.put_nowait((code, reason))
+        except asyncio.QueueFull:
+            self._jump_close(code, reason)
+
+    def _jump_close(self, code: int, reason: str) -> None:
+        # The queue is full of frames the client is not reading: drop them and close.
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
+        self._outbox.put_nowait((code, reason))
+
+    async def _read(self) -> None:
+        timeout: float | None = self.hub.settings.hello_timeout_s
+        while not self._closing:
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), timeout)
+            except TimeoutError:
+                self.send(
+                    p.Error(
+                        code="hello_timeout",
+                        message="send `hello` within "
+                        f"{self.hub.settings.hello_timeout_s} s of connecting",
+                    )
+                )
+                self.close(CLOSE_HELLO_REQUIRED, "hello_timeout")
+                return
+            except WebSocketDisconnect:
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            payload = message.get("text")
+            if payload is None:
+                payload = message.get("bytes") or b""
+            now = datetime.now(UTC)
+            try:
+                frame = self.codec.decode(payload)
+            except p.FrameError as exc:
+                metrics.FRAMES.labels("in", "invalid").inc()
+                self._act(self.session.bad_frame(str(exc), exc.ref, now))
+                continue
+            metrics.FRAMES.labels("in", frame.__struct_config__.tag).inc()
+            self._act(self.session.receive(frame, now))
+            if self.session.claims is not None and timeout is not None:
+                timeout = None
+                self._role = self.session.claims.role
+                metrics.CONNECTIONS.labels("anonymous").dec()
+                metrics.CONNECTIONS.labels(self._role).inc()
+
+    def _act(self, actions: list[Send | SubmitPunch | Close]) -> None:
+        for action in actions:
+            match action:
+                case Send(frame=frame):
+                    if isinstance(frame, p.Ack):
+                        metrics.PUNCHES.labels(frame.reason or frame.status).inc()
+                    self.send(frame)
+                case SubmitPunch():
+                    self._submit(action)
+                case Close(code=code, reason=reason):
+                    self.close(code, reason)
+
+    def _submit(self, action: SubmitPunch) -> None:
+        if self.hub.draining:
+            self.send(
+                p.Error(
+                    code="unavailable",
+                    message="the hub is restarting; resend after reconnecting",
+                    ref=action.ref,
+                )
+            )
+            return
+        punch_id = str(action.request.id)
+
+        def reply(outcome: PunchOutcome | Exception) -> None:
+            if isinstance(outcome, StoreUnavailable):
+                self.send(
+                    p.Error(
+                        code="unavailable",
+                        message=f"punch {punch_id} was not stored (database unavailable); "
+                        "keep it and resend",
+                        ref=action.ref,
+                    )
+                )
+                return
+            if isinstance(outcome, Exception):
+                log.error("punch %s failed: %r", punch_id, outcome)
+                self.send(
+                    p.Error(code="internal", message="punch not stored; resend", ref=action.ref)
+                )
+                return
+            self.send(
+                p.Ack(
+                    id=punch_id,
+                    status=outcome.status,
+                    reason=outcome.reason,
+                    received_at=p.format_time(outcome.received_at),
+                    ref=action.ref,
+                )
+            )
+
+        self.hub.batcher.enqueue(action.request, reply)
+
+    async def _write(self) -> None:
+        websocket = self.websocket
+        binary = self.codec.binary
+        while True:
+            item = await self._outbox.get()
+            try:
+                if isinstance(item, tuple):
+                    await websocket.close(code=item[0], reason=item[1])
+                    return
+                if binary:
+                    await websocket.send({"type": "websocket.send", "bytes": item})
+                else:
+                    await websocket.send({"type": "websocket.send", "text": item.decode()})
+            except (OSError, RuntimeError, WebSocketDisconnect):
+                # The peer is gone; the reader notices too and ends the session.
+                return
+
+
+def choose_subprotocol(offered: list[str]) -> str | None:
+    """The first of ours the client offered; JSON when it offered none."""
+    for name in offered:
+        if name in p.SUBPROTOCOLS:
+            return name
+    return None
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    hub: Hub = websocket.app.state.hub
+    offered = list(websocket.scope.get("subprotocols") or [])
+    chosen = choose_subprotocol(offered)
+    if offered and chosen is None:
+        # Refuse before the handshake: the client asked only for protocols we do not speak.
+        await websocket.close(code=1002)
+        return
+    await websocket.accept(subprotocol=chosen)
+    codec = hub.codecs[chosen or p.JSON_SUBPROTOCOL]
+    await Connection(hub, websocket, codec).run()

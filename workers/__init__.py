@@ -1,0 +1,1 @@
+"""Workers behind the hub: punch persistence, and later fraud and overtime checks."""
