@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CLOSE_NOW = object()
+# How long a stalled client gets to take its close frame before the socket is dropped.
+ABORT_AFTER_S = 2.0
 
 
 class Connection:
@@ -47,9 +48,12 @@ class Connection:
         )
         self._closing = False
         self._role = "anonymous"
+        self._writer: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.session.id}")
+        writer = self._writer = asyncio.create_task(
+            self._write(), name=f"ws-writer-{self.session.id}"
+        )
         metrics.CONNECTIONS.labels(self._role).inc()
         self.hub.connections.add(self)
         try:
@@ -101,6 +105,22 @@ class Connection:
         while not self._outbox.empty():
             self._outbox.get_nowait()
         self._outbox.put_nowait((code, reason))
+        asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
+
+    def _abort_if_stuck(self) -> None:
+        """Drop the TCP connection of a client whose buffers are too full even for a close frame.
+
+        A graceful close waits for the peer to read what is buffered, which a
+        stalled client never does; only aborting the transport frees the socket.
+        ASGI gives no handle on the transport, so this reaches for uvicorn's.
+        """
+        if self._writer is None or self._writer.done():
+            return
+        protocol = getattr(self.websocket._send, "__self__", None)
+        transport = getattr(protocol, "transport", None)
+        if isinstance(transport, asyncio.Transport):
+            log.info("aborting session %s: its close frame could not be sent", self.session.id)
+            transport.abort()
 
     async def _read(self) -> None:
         timeout: float | None = self.hub.settings.hello_timeout_s

@@ -29,7 +29,7 @@ TEST_SECRET = "test-secret-" + "x" * 40
 async def _answers(dsn: str) -> bool:
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError):
+    except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
     await conn.close()
     return True
@@ -46,14 +46,18 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield MACHINE_PG
         return
     if REQUIRE_SERVICES:
-        pytest.fail("ATTENDANCE_TEST_REQUIRE_SERVICES=1 but PostgreSQL on 127.0.0.1:5432 does not answer")
+        pytest.fail(
+            "ATTENDANCE_TEST_REQUIRE_SERVICES=1 but PostgreSQL on 127.0.0.1:5432 does not answer"
+        )
     from hub.embedded_pg import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded-pg"))
     try:
         dsn = embedded.start()
-    except Exception as exc:  # noqa: BLE001 - any failure here means "no PostgreSQL to test with"
-        pytest.skip(f"no PostgreSQL: 127.0.0.1:5432 does not answer and the embedded one failed: {exc}")
+    except Exception as exc:
+        pytest.skip(
+            f"no PostgreSQL: 127.0.0.1:5432 does not answer and the embedded one failed: {exc}"
+        )
     try:
         yield dsn
     finally:

@@ -42,10 +42,21 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def punch_frame(employee: str | None = None, *, badge: str | None = None, kind: str = "in",
-                at: str | None = None, punch_id: str | None = None, **extra: Any) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "punch", "id": punch_id or str(uuid.uuid4()), "kind": kind,
-                             "at": at or now_iso()}
+def punch_frame(
+    employee: str | None = None,
+    *,
+    badge: str | None = None,
+    kind: str = "in",
+    at: str | None = None,
+    punch_id: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "type": "punch",
+        "id": punch_id or str(uuid.uuid4()),
+        "kind": kind,
+        "at": at or now_iso(),
+    }
     if employee is not None:
         frame["employee"] = employee
     if badge is not None:
@@ -73,8 +84,12 @@ class HubProcess:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
     def start(self, timeout: float = 60) -> None:
-        env = {**os.environ, "ATTENDANCE_PORT": str(self.port), "ATTENDANCE_HOST": "127.0.0.1",
-               **self.env}
+        env = {
+            **os.environ,
+            "ATTENDANCE_PORT": str(self.port),
+            "ATTENDANCE_HOST": "127.0.0.1",
+            **self.env,
+        }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "hub.cli", *self.args], env=env, stdout=log, stderr=log
@@ -124,8 +139,9 @@ class TenantKit:
         self.slug = slug
         self.issuer = TokenIssuer(secret)
         self.admin_token = self.token("admin", "test-admin")
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=30,
-                                      headers={"authorization": f"Bearer {self.admin_token}"})
+        self.http = httpx.AsyncClient(
+            base_url=base_url, timeout=30, headers={"authorization": f"Bearer {self.admin_token}"}
+        )
         self.terminal_token = ""
 
     def token(self, role: Any, sub: str, **claims: Any) -> str:
@@ -143,7 +159,8 @@ class TenantKit:
         assert response.status_code == 201, response.text
         for n in (1, 2, 3):
             response = await self.http.put(
-                f"/v1/employees/e{n}", json={"name": f"Employee {n}", "site": "hq", "badge": f"b{n}"}
+                f"/v1/employees/e{n}",
+                json={"name": f"Employee {n}", "site": "hq", "badge": f"b{n}"},
             )
             assert response.status_code == 201, response.text
         response = await self.http.put("/v1/devices/door", json={"site": "hq", "name": "Door"})
@@ -151,8 +168,12 @@ class TenantKit:
         self.terminal_token = response.json()["token"]
 
     async def connect(self, token: str | None = None, subprotocol: str = JSON) -> Client:
-        ws = await websockets.connect(self.ws_url, subprotocols=[subprotocol],  # type: ignore[list-item]
-                                      max_size=2**20, open_timeout=10)
+        ws = await websockets.connect(
+            self.ws_url,
+            subprotocols=[subprotocol],  # type: ignore[list-item]
+            max_size=2**20,
+            open_timeout=10,
+        )
         client = Client(ws, subprotocol)
         welcome = await client.hello(token or self.terminal_token)
         assert welcome["type"] == "welcome", welcome
@@ -163,7 +184,9 @@ class TenantKit:
         try:
             rows = await conn.fetch(
                 "SELECT * FROM punches WHERE tenant = $1 AND id = ANY($2::uuid[])",
-                self.slug, [uuid.UUID(i) for i in ids])
+                self.slug,
+                [uuid.UUID(i) for i in ids],
+            )
         finally:
             await conn.close()
         return {str(r["id"]): r for r in rows}
@@ -171,8 +194,9 @@ class TenantKit:
     async def count_punches(self) -> int:
         conn = await asyncpg.connect(self.dsn)
         try:
-            return int(await conn.fetchval("SELECT count(*) FROM punches WHERE tenant = $1",
-                                           self.slug))
+            return int(
+                await conn.fetchval("SELECT count(*) FROM punches WHERE tenant = $1", self.slug)
+            )
         finally:
             await conn.close()
 

@@ -16,15 +16,26 @@ pytestmark = pytest.mark.postgres
 
 async def test_hello_then_punch_is_acked_after_it_is_stored(tenant: TenantKit) -> None:
     client = await tenant.connect()
-    frame = punch_frame("e1", method="badge", seq=7, geo={"lat": 1.5, "lon": 2.5, "accuracy_m": 9},
-                        ref="r1")
+    frame = punch_frame(
+        "e1", method="badge", seq=7, geo={"lat": 1.5, "lon": 2.5, "accuracy_m": 9}, ref="r1"
+    )
     ack = await client.punch(frame)
-    assert ack == {"type": "ack", "id": frame["id"], "status": "accepted",
-                   "received_at": ack["received_at"], "ref": "r1"}
+    assert ack == {
+        "type": "ack",
+        "id": frame["id"],
+        "status": "accepted",
+        "received_at": ack["received_at"],
+        "ref": "r1",
+    }
     row = (await tenant.stored(frame["id"]))[frame["id"]]
     assert (row["employee"], row["kind"], row["site"], row["device"]) == ("e1", "in", "hq", "door")
     assert (row["method"], row["seq"], row["lat"], row["lon"], row["accuracy_m"]) == (
-        "badge", 7, 1.5, 2.5, 9.0)
+        "badge",
+        7,
+        1.5,
+        2.5,
+        9.0,
+    )
     assert row["source"] == "terminal" and row["offline"] is False
     await client.close()
 
@@ -60,8 +71,11 @@ async def test_resend_is_duplicate_and_changed_resend_is_id_conflict(tenant: Ten
     frame = punch_frame("e1")
     assert (await client.punch(frame))["status"] == "accepted"
     assert (await client.punch(frame))["status"] == "duplicate"
-    for change in ({"kind": "out"}, {"employee": "e2"},
-                   {"at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat()}):
+    for change in (
+        {"kind": "out"},
+        {"employee": "e2"},
+        {"at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat()},
+    ):
         ack = await client.punch({**frame, **change})
         assert (ack["status"], ack["reason"]) == ("rejected", "id_conflict")
     row = (await tenant.stored(frame["id"]))[frame["id"]]
@@ -92,7 +106,9 @@ async def test_rejections_carry_reasons(tenant: TenantKit) -> None:
     assert (ack["status"], ack["reason"]) == ("rejected", "invalid_time")
     near_future = punch_frame("e1", at=(datetime.now(UTC) + timedelta(minutes=4)).isoformat())
     assert (await client.punch(near_future))["status"] == "accepted"
-    stored = await tenant.stored(unknown["id"], unknown_badge["id"], future["id"], near_future["id"])
+    stored = await tenant.stored(
+        unknown["id"], unknown_badge["id"], future["id"], near_future["id"]
+    )
     assert list(stored) == [near_future["id"]]
     await client.close()
 
@@ -157,8 +173,9 @@ async def test_msgpack_subprotocol(tenant: TenantKit) -> None:
         '"kind": "sideways", "at": "2026-01-01T00:00:00Z"}',
     ],
 )
-async def test_bad_frames_get_bad_frame_and_the_socket_stays_up(tenant: TenantKit,
-                                                                payload: str) -> None:
+async def test_bad_frames_get_bad_frame_and_the_socket_stays_up(
+    tenant: TenantKit, payload: str
+) -> None:
     client = await tenant.connect()
     await client.ws.send(payload)
     error = await client.recv()
@@ -203,8 +220,9 @@ async def test_bad_token_closes_4001(tenant: TenantKit, token: str) -> None:
 
 
 async def test_expired_token_closes_4001(tenant: TenantKit) -> None:
-    expired = tenant.issuer.issue(tenant=tenant.slug, role="terminal", sub="door", site="hq",
-                                  ttl_s=-5)[0]
+    expired = tenant.issuer.issue(
+        tenant=tenant.slug, role="terminal", sub="door", site="hq", ttl_s=-5
+    )[0]
     ws = await websockets.connect(tenant.ws_url)
     await ws.send('{"type": "hello", "token": "%s"}' % expired)
     with pytest.raises(websockets.ConnectionClosed) as closed:
