@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -48,9 +49,7 @@ async def test_welcome_carries_identity(tenant: TenantKit) -> None:
     assert pong["server_time"].endswith("Z") and len(pong["server_time"]) == 24
     await client.close()
     ws = await websockets.connect(tenant.ws_url)
-    await ws.send('{"type": "hello", "token": "%s", "ref": "h"}' % tenant.terminal_token)
-    import json
-
+    await ws.send(json.dumps({"type": "hello", "token": tenant.terminal_token, "ref": "h"}))
     welcome = json.loads(await ws.recv())
     assert welcome["role"] == "terminal" and welcome["tenant"] == tenant.slug
     assert welcome["sub"] == "door" and welcome["ref"] == "h" and welcome["heartbeat_s"] > 0
@@ -164,7 +163,8 @@ async def test_msgpack_subprotocol(tenant: TenantKit) -> None:
         '{"type": "teleport"}',
         '{"no_type": 1}',
         '{"type": "punch", "ref": "x"}',
-        '{"type": "punch", "id": "nope", "employee": "e1", "kind": "in", "at": "2026-01-01T00:00:00Z"}',
+        '{"type": "punch", "id": "nope", "employee": "e1", "kind": "in", '
+        '"at": "2026-01-01T00:00:00Z"}',
         '{"type": "punch", "id": "6f1c2a7e-8d1b-4f5e-9a1c-2b3c4d5e6f70", "employee": "e1", '
         '"kind": "in", "at": "2026-01-01T00:00:00"}',
         '{"type": "punch", "id": "6f1c2a7e-8d1b-4f5e-9a1c-2b3c4d5e6f70", "employee": "e1", '
@@ -209,9 +209,7 @@ async def test_oversized_frame_closes_1009(tenant: TenantKit) -> None:
 @pytest.mark.parametrize("token", ["garbage", ""])
 async def test_bad_token_closes_4001(tenant: TenantKit, token: str) -> None:
     ws = await websockets.connect(tenant.ws_url)
-    await ws.send('{"type": "hello", "token": "%s"}' % token)
-    import json
-
+    await ws.send(json.dumps({"type": "hello", "token": token}))
     error = json.loads(await ws.recv())
     assert error["type"] == "error" and error["code"] == "bad_token"
     with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -224,7 +222,7 @@ async def test_expired_token_closes_4001(tenant: TenantKit) -> None:
         tenant=tenant.slug, role="terminal", sub="door", site="hq", ttl_s=-5
     )[0]
     ws = await websockets.connect(tenant.ws_url)
-    await ws.send('{"type": "hello", "token": "%s"}' % expired)
+    await ws.send(json.dumps({"type": "hello", "token": expired}))
     with pytest.raises(websockets.ConnectionClosed) as closed:
         while True:
             await ws.recv()
@@ -234,8 +232,6 @@ async def test_expired_token_closes_4001(tenant: TenantKit) -> None:
 async def test_first_frame_must_be_hello(tenant: TenantKit) -> None:
     ws = await websockets.connect(tenant.ws_url)
     await ws.send('{"type": "ping"}')
-    import json
-
     assert json.loads(await ws.recv())["code"] == "hello_required"
     with pytest.raises(websockets.ConnectionClosed) as closed:
         await ws.recv()
