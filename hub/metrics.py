@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # The `_created` series double every counter's output and nobody graphs them.
@@ -52,3 +54,14 @@ HTTP_REQUESTS = Counter(
     "REST requests by route template and status.",
     ["route", "status"],
 )
+
+
+@functools.cache
+def frames(direction: str, frame_type: str) -> Counter:
+    """The child counter for one direction and frame type, looked up once (hot path)."""
+    return FRAMES.labels(direction, frame_type)
+
+
+@functools.cache
+def punches(result: str) -> Counter:
+    return PUNCHES.labels(result)

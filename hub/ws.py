@@ -89,7 +89,7 @@ class Connection:
             self._closing = True
             self._jump_close(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
-        metrics.FRAMES.labels("out", frame.__struct_config__.tag).inc()
+        metrics.frames("out", frame.__struct_config__.tag).inc()
 
     def close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -148,10 +148,10 @@ class Connection:
             try:
                 frame = self.codec.decode(payload)
             except p.FrameError as exc:
-                metrics.FRAMES.labels("in", "invalid").inc()
+                metrics.frames("in", "invalid").inc()
                 self._act(self.session.bad_frame(str(exc), exc.ref, now))
                 continue
-            metrics.FRAMES.labels("in", frame.__struct_config__.tag).inc()
+            metrics.frames("in", frame.__struct_config__.tag).inc()
             self._act(self.session.receive(frame, now))
             if self.session.claims is not None and timeout is not None:
                 timeout = None
@@ -164,7 +164,7 @@ class Connection:
             match action:
                 case Send(frame=frame):
                     if isinstance(frame, p.Ack):
-                        metrics.PUNCHES.labels(frame.reason or frame.status).inc()
+                        metrics.punches(frame.reason or frame.status).inc()
                     self.send(frame)
                 case SubmitPunch():
                     self._submit(action)

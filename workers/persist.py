@@ -231,7 +231,7 @@ class PunchBatcher:
             metrics.BATCH_SIZE.observe(len(batch))
             for pending, outcome in zip(batch, outcomes, strict=True):
                 if not isinstance(outcome, Exception):
-                    metrics.PUNCHES.labels(outcome.reason or outcome.status).inc()
+                    metrics.punches(outcome.reason or outcome.status).inc()
                 pending.reply(outcome)
         finally:
             self._slots.release()
