@@ -49,7 +49,7 @@ def open_database(settings: Settings, *, serving: bool) -> Iterator[Database]:
                 "ATTENDANCE_SECRET is required with ATTENDANCE_DATABASE_URL: every hub and "
                 "worker must sign and verify tokens with the same key"
             )
-        yield Database(settings.database_url, settings.secret, None)
+        yield Database(settings.database_url, _checked(settings.secret), None)
         return
     embedded = EmbeddedPostgres(settings.data_dir)
     if serving:
@@ -59,11 +59,19 @@ def open_database(settings: Settings, *, serving: bool) -> Iterator[Database]:
             raise CliError(str(exc)) from None
     try:
         dsn = embedded.start()
-        secret = settings.secret or load_or_create_secret(settings.data_dir)
+        secret = _checked(settings.secret or load_or_create_secret(settings.data_dir))
         yield Database(dsn, secret, embedded)
     finally:
         embedded.stop()
         embedded.release()
+
+
+def _checked(secret: str) -> str:
+    try:
+        TokenIssuer(secret)
+    except ValueError as exc:
+        raise CliError(f"ATTENDANCE_SECRET: {exc}") from None
+    return secret
 
 
 async def _migrate(dsn: str) -> list[str]:

@@ -120,6 +120,8 @@ class Error(_ServerFrame, tag="error"):
     code: str
     message: str
     ref: str | None = None
+    # The punch this error is about, when it is about one that was not stored.
+    id: str | None = None
 
 
 class Drain(_ServerFrame, tag="drain"):

@@ -104,7 +104,6 @@ class TokenBody(msgspec.Struct, forbid_unknown_fields=True):
     sub: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     employee: EntityId | None = None
     sites: list[EntityId | Literal["*"]] | None = None
-    site: EntityId | None = None
     ttl_s: Annotated[int, msgspec.Meta(ge=60, le=MAX_TOKEN_TTL_S)] | None = None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from hub import metrics
 from hub import protocol as p
 from hub.session import (
+    CLOSE_BAD_TOKEN,
     CLOSE_HELLO_REQUIRED,
     CLOSE_RESTART,
     CLOSE_SLOW_CONSUMER,
@@ -123,8 +125,10 @@ class Connection:
             transport.abort()
 
     async def _read(self) -> None:
-        timeout: float | None = self.hub.settings.hello_timeout_s
+        loop = asyncio.get_running_loop()
+        hello_deadline: float | None = loop.time() + self.hub.settings.hello_timeout_s
         while not self._closing:
+            timeout = None if hello_deadline is None else max(0.0, hello_deadline - loop.time())
             try:
                 message = await asyncio.wait_for(self.websocket.receive(), timeout)
             except TimeoutError:
@@ -153,11 +157,26 @@ class Connection:
                 continue
             metrics.frames("in", frame.__struct_config__.tag).inc()
             self._act(self.session.receive(frame, now))
-            if self.session.claims is not None and timeout is not None:
-                timeout = None
+            if self.session.claims is not None and hello_deadline is not None:
+                hello_deadline = None
                 self._role = self.session.claims.role
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()
+                self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        """Close with 4001 when the token expires, unless a `refresh` extended it meanwhile."""
+        claims = self.session.claims
+        if claims is None or self._closing:
+            return
+        remaining = claims.exp - time.time()
+        if remaining > 0:
+            asyncio.get_running_loop().call_later(remaining, self._watch_expiry)
+            return
+        self.send(
+            p.Error(code="token_expired", message="the token expired; connect again with a new one")
+        )
+        self.close(CLOSE_BAD_TOKEN, "token_expired")
 
     def _act(self, actions: list[Send | SubmitPunch | Close]) -> None:
         for action in actions:
@@ -172,16 +191,17 @@ class Connection:
                     self.close(code, reason)
 
     def _submit(self, action: SubmitPunch) -> None:
+        punch_id = str(action.request.id)
         if self.hub.draining:
             self.send(
                 p.Error(
                     code="unavailable",
                     message="the hub is restarting; resend after reconnecting",
                     ref=action.ref,
+                    id=punch_id,
                 )
             )
             return
-        punch_id = str(action.request.id)
 
         def reply(outcome: PunchOutcome | Exception) -> None:
             if isinstance(outcome, StoreUnavailable):
@@ -191,13 +211,19 @@ class Connection:
                         message=f"punch {punch_id} was not stored (database unavailable); "
                         "keep it and resend",
                         ref=action.ref,
+                        id=punch_id,
                     )
                 )
                 return
             if isinstance(outcome, Exception):
                 log.error("punch %s failed: %r", punch_id, outcome)
                 self.send(
-                    p.Error(code="internal", message="punch not stored; resend", ref=action.ref)
+                    p.Error(
+                        code="internal",
+                        message="punch not stored; resend",
+                        ref=action.ref,
+                        id=punch_id,
+                    )
                 )
                 return
             self.send(

@@ -118,3 +118,17 @@ def _send_many(sock: socket.socket, text: str, count: int) -> None:
     sock.settimeout(10)
     for _ in range(count):
         _send_text(sock, text)
+
+
+async def test_frames_other_than_hello_do_not_extend_the_hello_deadline(
+    strict_tenant: TenantKit,
+) -> None:
+    ws = await websockets.connect(strict_tenant.ws_url)
+    codes = []
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        for _ in range(20):  # 20 x 0.25 s is far past the 1 s deadline
+            await ws.send("garbage")
+            codes.append(json.loads(await asyncio.wait_for(ws.recv(), 5))["code"])
+            await asyncio.sleep(0.25)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4002
+    assert "bad_frame" in codes and len(codes) < 10

@@ -241,3 +241,38 @@ async def test_first_frame_must_be_hello(tenant: TenantKit) -> None:
 async def test_unknown_subprotocol_only_is_refused(tenant: TenantKit) -> None:
     with pytest.raises(websockets.InvalidStatus):
         await websockets.connect(tenant.ws_url, subprotocols=["chat.v9"])  # type: ignore[list-item]
+
+
+async def test_an_idle_socket_is_closed_when_its_token_expires(tenant: TenantKit) -> None:
+    short = tenant.issuer.issue(
+        tenant=tenant.slug, role="terminal", sub="door", site="hq", ttl_s=2
+    )[0]
+    client = await tenant.connect(short)
+    error = await client.recv(timeout=10)
+    assert error["code"] == "token_expired"
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await client.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+
+
+async def test_refresh_keeps_the_socket_open_past_the_first_expiry(tenant: TenantKit) -> None:
+    short = tenant.issuer.issue(
+        tenant=tenant.slug, role="terminal", sub="door", site="hq", ttl_s=2
+    )[0]
+    client = await tenant.connect(short)
+    await client.send({"type": "refresh", "token": tenant.terminal_token, "ref": "r"})
+    refreshed = await client.recv()
+    assert refreshed["type"] == "refreshed" and refreshed["ref"] == "r"
+    assert refreshed["expires_at"] > datetime.now(UTC).isoformat()
+    await asyncio.sleep(3)  # past the first token's expiry: the point of the test, not a wait
+    assert (await client.punch(punch_frame("e1")))["status"] == "accepted"
+    await client.close()
+
+
+async def test_duplicate_ack_reports_when_the_punch_was_first_received(tenant: TenantKit) -> None:
+    client = await tenant.connect()
+    frame = punch_frame("e1")
+    first = await client.punch(frame)
+    again = await client.punch(frame)
+    assert again["status"] == "duplicate" and again["received_at"] == first["received_at"]
+    await client.close()

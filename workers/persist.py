@@ -102,7 +102,7 @@ RETURNING tenant, id
 """
 
 _EXISTING_SQL: Final = """
-SELECT p.tenant, p.id, p.employee, p.kind, p.at
+SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at
   FROM unnest($1::text[], $2::uuid[]) AS q(tenant, id)
   JOIN punches p ON p.tenant = q.tenant AND p.id = q.id
 """
@@ -227,6 +227,13 @@ class PunchBatcher:
                 metrics.BATCH_FAILURES.labels("split").inc()
                 log.warning("punch batch of %d failed (%s); retrying one by one", len(batch), exc)
                 outcomes = await self._commit_singly(batch)
+            except Exception as exc:
+                # A bug, not an outage: answer every punch so no client waits forever.
+                metrics.BATCH_FAILURES.labels("internal").inc()
+                log.exception("punch batch of %d failed", len(batch))
+                for pending in batch:
+                    pending.reply(exc)
+                return
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
             for pending, outcome in zip(batch, outcomes, strict=True):
@@ -280,7 +287,7 @@ class PunchBatcher:
                 )
                 for row in rows:
                     stored[(row["tenant"], row["id"])] = _Stored(
-                        row["employee"], row["kind"], row["at"], fresh=False
+                        row["employee"], row["kind"], row["at"], row["received_at"], fresh=False
                     )
         for i, pending in enumerate(batch):
             if outcomes[i] is not None:
@@ -295,8 +302,10 @@ class PunchBatcher:
                 status, reason = "duplicate", None
             else:
                 status, reason = "rejected", "id_conflict"
+            # A duplicate reports when the stored punch was first received.
+            received_at = request.received_at if status == "accepted" else previous.received_at
             outcomes[i] = PunchOutcome(
-                status, request.received_at, reason, employee=pending.employee, site=pending.site
+                status, received_at, reason, employee=pending.employee, site=pending.site
             )
         return [o for o in outcomes if o is not None]
 
@@ -351,12 +360,14 @@ class _Stored:
     employee: str
     kind: str
     at: datetime
+    received_at: datetime
     fresh: bool = field(default=True)
 
     @classmethod
     def of(cls, pending: _Pending) -> _Stored:
         assert pending.employee is not None
-        return cls(pending.employee, pending.request.kind, pending.request.at)
+        request = pending.request
+        return cls(pending.employee, request.kind, request.at, request.received_at)
 
     def matches(self, pending: _Pending) -> bool:
         return (
