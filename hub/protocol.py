@@ -168,6 +168,8 @@ class Codec:
             frame: ClientFrame = self._decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise FrameError(_describe(exc), self._read_ref(payload)) from None
+        except RecursionError:
+            raise FrameError("the frame is nested too deeply", None) from None
         return frame
 
     def encode(self, frame: ServerFrame) -> bytes:
@@ -177,7 +179,7 @@ class Codec:
     def _read_ref(self, payload: bytes | str) -> str | None:
         try:
             found: _RefOnly = self._ref_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None
         return found.ref if isinstance(found.ref, str) else None
 
@@ -196,5 +198,4 @@ def _describe(exc: Exception) -> str:
 
 def format_time(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds, the form the server always writes."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

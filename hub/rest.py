@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import asyncpg
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -99,11 +100,14 @@ class DeviceBody(msgspec.Struct, forbid_unknown_fields=True):
     adms_sn: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
 
 
+SiteOrAll = Annotated[str, msgspec.Meta(pattern=r"^(\*|[A-Za-z0-9._-]{1,64})$")]
+
+
 class TokenBody(msgspec.Struct, forbid_unknown_fields=True):
     role: Role
     sub: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     employee: EntityId | None = None
-    sites: list[EntityId | Literal["*"]] | None = None
+    sites: list[SiteOrAll] | None = None
     ttl_s: Annotated[int, msgspec.Meta(ge=60, le=MAX_TOKEN_TTL_S)] | None = None
 
 
@@ -236,7 +240,12 @@ class Api:
             before = await store.get_row(
                 conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee, lock=True
             )
-            await store.upsert_employee(conn, claims.tenant, employee, values)
+            try:
+                async with conn.transaction():
+                    await store.upsert_employee(conn, claims.tenant, employee, values)
+            except asyncpg.UniqueViolationError:
+                # Another request took the badge between our check and the insert.
+                raise ApiError(409, f"badge {body.badge!r} belongs to another employee") from None
             after = await store.get_row(
                 conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee
             )
@@ -285,7 +294,13 @@ class Api:
             before = await store.get_row(
                 conn, "devices", store.DEVICE_COLUMNS, claims.tenant, device, lock=True
             )
-            await store.upsert_device(conn, claims.tenant, device, values)
+            try:
+                async with conn.transaction():
+                    await store.upsert_device(conn, claims.tenant, device, values)
+            except asyncpg.UniqueViolationError:
+                raise ApiError(
+                    409, f"serial number {body.adms_sn!r} is already registered"
+                ) from None
             after = await store.get_row(
                 conn, "devices", store.DEVICE_COLUMNS, claims.tenant, device
             )
@@ -426,7 +441,7 @@ def _is_entity_id(value: str) -> bool:
 def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiError(400, f"`{name}` must be an integer from {low} to {high}")
     return int(raw)
 

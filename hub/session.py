@@ -11,7 +11,7 @@ import enum
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from hub import protocol as p
@@ -34,6 +34,10 @@ BAD_FRAME_WINDOW: Final = timedelta(seconds=10)
 
 
 _SOURCES: Final[dict[str, Source]] = {"terminal": "terminal", "employee": "mobile", "admin": "api"}
+
+
+def _identity(claims: Claims) -> tuple[str | None, ...]:
+    return (claims.tenant, claims.role, claims.sub, claims.site, claims.employee)
 
 
 class SessionState(enum.Enum):
@@ -166,7 +170,12 @@ class Session:
             return reject("forbidden")
         if claims.role == "employee" and punch.employee not in (None, claims.employee):
             return reject("forbidden")
-        if punch.at - now > FUTURE_TOLERANCE:
+        try:
+            at = punch.at.astimezone(UTC)
+        except OverflowError:
+            # A local time like 0001-01-01T00:00+05:00 has no UTC instant.
+            return reject("invalid_time")
+        if at - now > FUTURE_TOLERANCE:
             return reject("invalid_time")
         geo = punch.geo
         request = PunchRequest(
@@ -195,12 +204,13 @@ class Session:
             fresh = self._tokens.verify(refresh.token)
         except TokenError as exc:
             return self._close(CLOSE_BAD_TOKEN, "bad_token", str(exc), refresh.ref)
-        if (fresh.tenant, fresh.role, fresh.sub) != (claims.tenant, claims.role, claims.sub):
+        if _identity(fresh) != _identity(claims):
             return [
                 Send(
                     p.Error(
                         code="forbidden",
-                        message="a refresh token must be for the same tenant, role and subject",
+                        message="a refresh token must be for the same identity (tenant, role, "
+                        "subject, site and employee)",
                         ref=refresh.ref,
                     )
                 )
