@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -68,8 +69,7 @@ class Hub:
         self.draining = True
         if self._batcher is not None:
             await self._batcher.flush()
-        for connection in list(self.connections):
-            await connection.drain()
+        await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
 
     async def stop(self) -> None:
         if self._batcher is not None:

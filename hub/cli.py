@@ -19,7 +19,7 @@ import uvicorn
 from hub import store
 from hub.app import Hub, create_app
 from hub.config import ConfigError, Settings
-from hub.embedded_pg import DataDirBusy, EmbeddedPostgres
+from hub.embedded_pg import DataDirBusy, EmbeddedPostgres, EmbeddedStartError
 from hub.migrate import migrate
 from hub.tokens import TokenIssuer, load_or_create_secret
 
@@ -58,7 +58,10 @@ def open_database(settings: Settings, *, serving: bool) -> Iterator[Database]:
         except DataDirBusy as exc:
             raise CliError(str(exc)) from None
     try:
-        dsn = embedded.start()
+        try:
+            dsn = embedded.start()
+        except EmbeddedStartError as exc:
+            raise CliError(str(exc)) from None
         secret = _checked(settings.secret or load_or_create_secret(settings.data_dir))
         yield Database(dsn, secret, embedded)
     finally:

@@ -18,6 +18,7 @@ import pwd
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +31,10 @@ SYSTEM_USER = "attendance_pg"
 
 class DataDirBusy(RuntimeError):
     """Another hub already serves this data dir."""
+
+
+class EmbeddedStartError(RuntimeError):
+    """The embedded server did not start; the message ends with its log."""
 
 
 class EmbeddedPostgres:
@@ -73,28 +78,53 @@ class EmbeddedPostgres:
                 )
             socket_dir = self._socket_dir(user)
             if not self._running():
+                self._wait_for_dead_postmaster()
                 log.info("starting embedded PostgreSQL (socket in %s)", socket_dir)
-                _commands.pg_ctl(
-                    [
-                        "-w",
-                        "-t",
-                        "60",
-                        "-o",
-                        '-h ""',
-                        "-o",
-                        f"-k {socket_dir}",
-                        "-o",
-                        "-c max_connections=200",
-                        "-l",
-                        str(self.pgdata / "log"),
-                        "start",
-                    ],
-                    pgdata=self.pgdata,
-                    user=user.pw_name if user else None,
-                    timeout=90,
-                )
+                self._pg_ctl_start(_commands, socket_dir, user)
                 self._started_here = True
         return f"postgresql://postgres@/postgres?host={socket_dir}"
+
+    def _pg_ctl_start(
+        self, commands: Any, socket_dir: Path, user: pwd.struct_passwd | None
+    ) -> None:
+        try:
+            commands.pg_ctl(
+                [
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    '-h ""',
+                    "-o",
+                    f"-k {socket_dir}",
+                    "-o",
+                    "-c max_connections=200",
+                    "-l",
+                    str(self.pgdata / "log"),
+                    "start",
+                ],
+                pgdata=self.pgdata,
+                user=user.pw_name if user else None,
+                timeout=90,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            tail = _tail(self.pgdata / "log")
+            raise EmbeddedStartError(
+                f"the embedded PostgreSQL in {self.pgdata} did not start ({exc}); "
+                f"the end of its log:\n{tail}"
+            ) from None
+
+    def _wait_for_dead_postmaster(self) -> None:
+        """Wait until a killed postmaster has been reaped.
+
+        Until its parent reaps it, a killed postmaster is a zombie: not running,
+        but PostgreSQL's own lock-file check still sees its pid alive and refuses
+        to start.
+        """
+        pid = self._postmaster_pid()
+        deadline = time.monotonic() + 15
+        while pid is not None and _is_zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def stop(self) -> None:
         """Stop the server if this process owns it.
@@ -132,11 +162,15 @@ class EmbeddedPostgres:
             fcntl.flock(probe, fcntl.LOCK_UN)
             return False
 
-    def _running(self) -> bool:
-        pid_file = self.pgdata / "postmaster.pid"
+    def _postmaster_pid(self) -> int | None:
         try:
-            pid = int(pid_file.read_text().splitlines()[0])
+            return int((self.pgdata / "postmaster.pid").read_text().splitlines()[0])
         except (FileNotFoundError, IndexError, ValueError):
+            return None
+
+    def _running(self) -> bool:
+        pid = self._postmaster_pid()
+        if pid is None or _is_zombie(pid):
             return False
         try:
             os.kill(pid, 0)
@@ -180,6 +214,22 @@ class EmbeddedPostgres:
             os.chown(socket_dir, user.pw_uid, user.pw_gid)
         socket_dir.chmod(0o755)
         return socket_dir
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the parenthesised command name, which may itself hold spaces.
+    return stat_line.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _pg_commands() -> Any:

@@ -58,6 +58,9 @@ class Connection:
         )
         metrics.CONNECTIONS.labels(self._role).inc()
         self.hub.connections.add(self)
+        if self.hub.draining:
+            # Connected after the drain began: send it on its way like everyone else.
+            self._send_away()
         try:
             await self._read()
         finally:
@@ -77,7 +80,12 @@ class Connection:
                     writer.cancel()
 
     async def drain(self) -> None:
-        """Tell the client to reconnect elsewhere soon, then close with 1012."""
+        """Tell the client to reconnect elsewhere soon, close with 1012, wait until that is sent."""
+        self._send_away()
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=ABORT_AFTER_S)
+
+    def _send_away(self) -> None:
         self.send(p.Drain(reconnect_after_ms=random.randint(500, 3000)))
         self.close(CLOSE_RESTART, "server restart")
 
