@@ -67,6 +67,7 @@ def open_database(settings: Settings, *, serving: bool) -> Iterator[Database]:
     finally:
         embedded.stop()
         embedded.release()
+        embedded.remove_socket_dir()
 
 
 def _checked(secret: str) -> str:

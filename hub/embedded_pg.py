@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -148,6 +149,11 @@ class EmbeddedPostgres:
         except subprocess.CalledProcessError:
             log.warning("pg_ctl stop failed; the server may already have stopped")
 
+    def remove_socket_dir(self) -> None:
+        """Remove the socket directory of a stopped server (it lives outside the data dir)."""
+        if not self._running():
+            shutil.rmtree(self._socket_path(), ignore_errors=True)
+
     def release(self) -> None:
         if self._serve_lock is not None:
             self._serve_lock.close()
@@ -204,11 +210,14 @@ class EmbeddedPostgres:
             os.chown(self.pgdata, user.pw_uid, user.pw_gid)
         return user
 
+    def _socket_path(self) -> Path:
+        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"attendance-pg-{digest}"
+
     def _socket_dir(self, user: pwd.struct_passwd | None) -> Path:
         # Unix socket paths are limited to about 107 bytes, so the socket lives
         # in a short directory named after the data dir rather than inside it.
-        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
-        socket_dir = Path(tempfile.gettempdir()) / f"attendance-pg-{digest}"
+        socket_dir = self._socket_path()
         socket_dir.mkdir(exist_ok=True)
         if user is not None:
             os.chown(socket_dir, user.pw_uid, user.pw_gid)

