@@ -15,10 +15,10 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 import asyncpg
 
@@ -35,8 +35,9 @@ class StoreUnavailable(Exception):
     """The database could not commit the batch; nothing in it was stored or acked."""
 
 
-@dataclass(slots=True)
-class PunchRequest:
+class PunchRequest(NamedTuple):
+    """One punch to store. The field order is the `punch_input` type's (migration 0002)."""
+
     tenant: str
     id: uuid.UUID
     kind: str
@@ -76,31 +77,51 @@ Reply = Callable[[PunchOutcome | Exception], None]
 class _Pending:
     request: PunchRequest
     reply: Reply
-    employee: str | None = None
-    site: str | None = None
 
 
-_RESOLVE_SQL: Final = """
-SELECT false AS by_badge, q.i, e.id, e.site
-  FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(tenant, employee, i)
-  JOIN employees e ON e.tenant = q.tenant AND e.id = q.employee AND e.erased_at IS NULL
-UNION ALL
-SELECT true, q.i, e.id, e.site
-  FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS q(tenant, badge, i)
-  JOIN employees e ON e.tenant = q.tenant AND e.badge = q.badge AND e.erased_at IS NULL
+# One statement per batch: resolve each punch's employee (by id or badge), insert the first
+# copy of each new id, and return per input row what happened. The final SELECT reads
+# `punches` as of the statement's start, so `stored_*` describe rows that existed before.
+_COMMIT_SQL: Final = """
+WITH input AS (
+    SELECT i.*,
+           COALESCE(by_id.id, by_badge.id) AS resolved,
+           COALESCE(i.site, by_id.site, by_badge.site) AS resolved_site
+      FROM unnest($1::punch_input[]) WITH ORDINALITY AS i
+      LEFT JOIN employees by_id
+             ON i.employee IS NOT NULL AND by_id.tenant = i.tenant
+            AND by_id.id = i.employee AND by_id.erased_at IS NULL
+      LEFT JOIN employees by_badge
+             ON i.employee IS NULL AND by_badge.tenant = i.tenant
+            AND by_badge.badge = i.badge AND by_badge.erased_at IS NULL
+), inserted AS (
+    INSERT INTO punches (tenant, id, employee, kind, at, received_at, site, device, method,
+                         lat, lon, accuracy_m, offline, seq, source, reason, actor)
+    SELECT DISTINCT ON (tenant, id)
+           tenant, id, resolved, kind, at, received_at, resolved_site, device, method,
+           lat, lon, accuracy_m, offline, seq, source, reason, actor
+      FROM input
+     WHERE resolved IS NOT NULL AND (only_employee IS NULL OR resolved = only_employee)
+     ORDER BY tenant, id, ordinality
+    ON CONFLICT (tenant, id) DO NOTHING
+    RETURNING tenant, id
+)
+SELECT i.resolved, i.resolved_site, ins.id IS NOT NULL AS inserted,
+       p.employee AS stored_employee, p.kind AS stored_kind, p.at AS stored_at,
+       p.received_at AS stored_received_at
+  FROM input i
+  LEFT JOIN inserted ins ON ins.tenant = i.tenant AND ins.id = i.id
+  -- Lateral, so each lookup is one primary-key probe, and only for ids not just inserted.
+  LEFT JOIN LATERAL (
+      SELECT employee, kind, at, received_at FROM punches
+       WHERE ins.id IS NULL AND tenant = i.tenant AND id = i.id
+       LIMIT 1  -- keeps the planner from turning the probes into a scan of all punches
+  ) p ON true
+ ORDER BY i.ordinality
 """
 
-_INSERT_SQL: Final = """
-INSERT INTO punches (tenant, id, employee, kind, at, received_at, site, device, method,
-                     lat, lon, accuracy_m, offline, seq, source, reason, actor)
-SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[],
-                     $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::float8[],
-                     $11::float8[], $12::float8[], $13::bool[], $14::int8[], $15::text[],
-                     $16::text[], $17::text[])
-ON CONFLICT (tenant, id) DO NOTHING
-RETURNING tenant, id
-"""
-
+# For ids another transaction committed while this batch's statement ran: invisible to its
+# snapshot, so read them again in a new one.
 _EXISTING_SQL: Final = """
 SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at
   FROM unnest($1::text[], $2::uuid[]) AS q(tenant, id)
@@ -258,101 +279,75 @@ class PunchBatcher:
         return results
 
     async def _commit_batch(self, batch: list[_Pending]) -> list[PunchOutcome]:
-        outcomes: list[PunchOutcome | None] = [None] * len(batch)
+        outcomes: list[PunchOutcome] = []
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._resolve(conn, batch)
-            first_of: dict[tuple[str, uuid.UUID], int] = {}
-            to_insert: list[int] = []
-            for i, pending in enumerate(batch):
+            rows = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
+            # What is stored under each id, as far as this batch knows.
+            stored: dict[tuple[str, uuid.UUID], _Stored] = {}
+            unseen: list[int] = []
+            for i, (pending, row) in enumerate(zip(batch, rows, strict=True)):
                 request = pending.request
-                if pending.employee is None:
-                    outcomes[i] = PunchOutcome(
-                        "rejected", request.received_at, reason="unknown_employee"
+                employee = row["resolved"]
+                if employee is None:
+                    outcomes.append(_rejected(request, "unknown_employee"))
+                    continue
+                if request.only_employee is not None and employee != request.only_employee:
+                    outcomes.append(_rejected(request, "forbidden"))
+                    continue
+                key = (request.tenant, request.id)
+                previous = stored.get(key)
+                if previous is None:
+                    if row["inserted"]:
+                        stored[key] = _Stored(
+                            employee, request.kind, request.at, request.received_at
+                        )
+                        outcomes.append(
+                            PunchOutcome(
+                                "accepted",
+                                request.received_at,
+                                None,
+                                employee,
+                                row["resolved_site"],
+                            )
+                        )
+                        continue
+                    if row["stored_employee"] is None:
+                        outcomes.append(_rejected(request, "pending"))
+                        unseen.append(i)
+                        continue
+                    previous = stored[key] = _Stored(
+                        row["stored_employee"],
+                        row["stored_kind"],
+                        row["stored_at"],
+                        row["stored_received_at"],
                     )
-                elif (
-                    request.only_employee is not None and pending.employee != request.only_employee
-                ):
-                    outcomes[i] = PunchOutcome("rejected", request.received_at, reason="forbidden")
-                elif (request.tenant, request.id) not in first_of:
-                    first_of[(request.tenant, request.id)] = i
-                    to_insert.append(i)
-            inserted = await self._insert(conn, [batch[i] for i in to_insert])
-            stored: dict[tuple[str, uuid.UUID], _Stored] = {
-                key: _Stored.of(batch[first_of[key]]) for key in inserted
-            }
-            missing = [key for key in first_of if key not in inserted]
-            if missing:
-                rows = await conn.fetch(
-                    _EXISTING_SQL, [k[0] for k in missing], [k[1] for k in missing]
-                )
-                for row in rows:
-                    stored[(row["tenant"], row["id"])] = _Stored(
-                        row["employee"], row["kind"], row["at"], row["received_at"], fresh=False
-                    )
-        for i, pending in enumerate(batch):
-            if outcomes[i] is not None:
-                continue
-            request = pending.request
-            key = (request.tenant, request.id)
-            previous = stored[key]
-            if previous.fresh and first_of[key] == i:
-                status: Status = "accepted"
-                reason = None
-            elif previous.matches(pending):
-                status, reason = "duplicate", None
-            else:
-                status, reason = "rejected", "id_conflict"
-            # A duplicate reports when the stored punch was first received.
-            received_at = request.received_at if status == "accepted" else previous.received_at
-            outcomes[i] = PunchOutcome(
-                status, received_at, reason, employee=pending.employee, site=pending.site
+                outcomes.append(previous.answer(employee, request, row["resolved_site"]))
+            if unseen:
+                await self._settle_unseen(conn, batch, rows, unseen, outcomes)
+        return outcomes
+
+    async def _settle_unseen(
+        self,
+        conn: Conn,
+        batch: list[_Pending],
+        rows: list[asyncpg.Record],
+        unseen: list[int],
+        outcomes: list[PunchOutcome],
+    ) -> None:
+        requests = [batch[i].request for i in unseen]
+        found = await conn.fetch(
+            _EXISTING_SQL, [r.tenant for r in requests], [r.id for r in requests]
+        )
+        stored = {
+            (row["tenant"], row["id"]): _Stored(
+                row["employee"], row["kind"], row["at"], row["received_at"]
             )
-        return [o for o in outcomes if o is not None]
-
-    async def _resolve(self, conn: Conn, batch: list[_Pending]) -> None:
-        by_id = [p for p in batch if p.request.employee is not None]
-        by_badge = [p for p in batch if p.request.employee is None]
-        rows = await conn.fetch(
-            _RESOLVE_SQL,
-            [p.request.tenant for p in by_id],
-            [p.request.employee for p in by_id],
-            [p.request.tenant for p in by_badge],
-            [p.request.badge for p in by_badge],
-        )
-        found_id = {r["i"]: r for r in rows if not r["by_badge"]}
-        found_badge = {r["i"]: r for r in rows if r["by_badge"]}
-        for group, found in ((by_id, found_id), (by_badge, found_badge)):
-            for i, pending in enumerate(group, start=1):
-                row = found.get(i)
-                if row is not None:
-                    pending.employee = row["id"]
-                    pending.site = pending.request.site or row["site"]
-
-    async def _insert(self, conn: Conn, batch: Sequence[_Pending]) -> set[tuple[str, uuid.UUID]]:
-        if not batch:
-            return set()
-        requests = [p.request for p in batch]
-        rows = await conn.fetch(
-            _INSERT_SQL,
-            [r.tenant for r in requests],
-            [r.id for r in requests],
-            [p.employee for p in batch],
-            [r.kind for r in requests],
-            [r.at for r in requests],
-            [r.received_at for r in requests],
-            [p.site for p in batch],
-            [r.device for r in requests],
-            [r.method for r in requests],
-            [r.lat for r in requests],
-            [r.lon for r in requests],
-            [r.accuracy_m for r in requests],
-            [r.offline for r in requests],
-            [r.seq for r in requests],
-            [r.source for r in requests],
-            [r.reason for r in requests],
-            [r.actor for r in requests],
-        )
-        return {(row["tenant"], row["id"]) for row in rows}
+            for row in found
+        }
+        for i, request in zip(unseen, requests, strict=True):
+            # The conflicting insert committed before ours could see it, so it is stored now.
+            previous = stored[(request.tenant, request.id)]
+            outcomes[i] = previous.answer(rows[i]["resolved"], request, rows[i]["resolved_site"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,17 +356,18 @@ class _Stored:
     kind: str
     at: datetime
     received_at: datetime
-    fresh: bool = field(default=True)
 
-    @classmethod
-    def of(cls, pending: _Pending) -> _Stored:
-        assert pending.employee is not None
-        request = pending.request
-        return cls(pending.employee, request.kind, request.at, request.received_at)
+    def answer(self, employee: str, request: PunchRequest, site: str | None) -> PunchOutcome:
+        """A later copy of a stored id: the same punch again, or a different one under its id."""
+        if (
+            self.employee == employee
+            and self.kind == request.kind
+            and self.at.astimezone(UTC) == request.at.astimezone(UTC)
+        ):
+            # A duplicate reports when the stored punch was first received.
+            return PunchOutcome("duplicate", self.received_at, None, employee, site)
+        return PunchOutcome("rejected", request.received_at, "id_conflict", employee, site)
 
-    def matches(self, pending: _Pending) -> bool:
-        return (
-            self.employee == pending.employee
-            and self.kind == pending.request.kind
-            and self.at.astimezone(UTC) == pending.request.at.astimezone(UTC)
-        )
+
+def _rejected(request: PunchRequest, reason: str) -> PunchOutcome:
+    return PunchOutcome("rejected", request.received_at, reason)
