@@ -13,7 +13,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import metrics, store
 from hub.config import Settings
@@ -102,7 +103,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(status, str(exc.detail), code))
 
 
-def create_app(hub: Hub) -> Starlette:
+def create_app(hub: Hub) -> ASGIApp:
     api = Api(hub)
 
     @asynccontextmanager
@@ -114,7 +115,6 @@ def create_app(hub: Hub) -> Starlette:
             await hub.stop()
 
     routes = [
-        WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/v1/sites", api.list_sites, methods=["GET"]),
         Route("/v1/sites/{site}", api.put_site, methods=["PUT"]),
         Route("/v1/sites/{site}", api.get_site, methods=["GET"]),
@@ -136,4 +136,12 @@ def create_app(hub: Hub) -> Starlette:
     )
     app.state.hub = hub
     metrics.CONNECTIONS.labels("anonymous").set(0)
-    return app
+
+    async def hub_app(scope: Scope, receive: Receive, send: Send) -> None:
+        # Punch traffic goes straight to the WebSocket layer; see hub/ws.py for why.
+        if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
+            await websocket_endpoint(hub, scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return hub_app

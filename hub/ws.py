@@ -3,6 +3,10 @@
 Each connection has one bounded outbound queue drained by its own writer task,
 so a client that stops reading fills only its own queue and is then closed
 with 4009 instead of slowing the acks of everyone else.
+
+This is a plain ASGI application rather than a Starlette route: every punch
+crosses it twice (frame in, ack out), and the router, middleware and
+``WebSocket`` wrappers cost more per frame than the session itself.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import Receive, Scope
+from starlette.types import Send as AsgiSend
 
 from hub import metrics
 from hub import protocol as p
@@ -40,14 +46,15 @@ ABORT_AFTER_S = 2.0
 
 
 class Connection:
-    def __init__(self, hub: Hub, websocket: WebSocket, codec: p.Codec) -> None:
+    def __init__(self, hub: Hub, receive: Receive, send: AsgiSend, codec: p.Codec) -> None:
         self.hub = hub
-        self.websocket = websocket
+        self._receive = receive
+        self._asgi_send = send
         self.codec = codec
         self.session = Session(hub.tokens, heartbeat_s=hub.settings.heartbeat_s)
-        self._outbox: asyncio.Queue[bytes | tuple[int, str]] = asyncio.Queue(
-            maxsize=hub.settings.send_queue_frames
-        )
+        self._outbox: deque[bytes | tuple[int, str]] = deque()
+        self._outbox_limit = hub.settings.send_queue_frames
+        self._wake: asyncio.Future[None] | None = None
         self._closing = False
         self._role = "anonymous"
         self._writer: asyncio.Task[None] | None = None
@@ -70,10 +77,7 @@ class Connection:
             self._closing = True
             if not writer.done():
                 # Let the writer finish what is queued (a close frame, say) first.
-                try:
-                    self._outbox.put_nowait((1000, ""))
-                except asyncio.QueueFull:
-                    writer.cancel()
+                self._push((1000, ""))
                 try:
                     await asyncio.wait_for(writer, timeout=5)
                 except (TimeoutError, asyncio.CancelledError):
@@ -92,29 +96,33 @@ class Connection:
     def send(self, frame: p.ServerFrame) -> None:
         if self._closing:
             return
-        try:
-            self._outbox.put_nowait(self.codec.encode(frame))
-        except asyncio.QueueFull:
+        if len(self._outbox) >= self._outbox_limit:
             log.info("closing session %s: it does not read its frames", self.session.id)
             self._closing = True
             self._jump_close(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
+        self._push(self.codec.encode(frame))
         metrics.frames("out", frame.__struct_config__.tag).inc()
 
     def close(self, code: int, reason: str) -> None:
         if self._closing:
             return
         self._closing = True
-        try:
-            self._outbox.put_nowait((code, reason))
-        except asyncio.QueueFull:
+        if len(self._outbox) >= self._outbox_limit:
             self._jump_close(code, reason)
+        else:
+            self._push((code, reason))
+
+    def _push(self, item: bytes | tuple[int, str]) -> None:
+        self._outbox.append(item)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def _jump_close(self, code: int, reason: str) -> None:
         # The queue is full of frames the client is not reading: drop them and close.
-        while not self._outbox.empty():
-            self._outbox.get_nowait()
-        self._outbox.put_nowait((code, reason))
+        self._outbox.clear()
+        self._push((code, reason))
         asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
 
     def _abort_if_stuck(self) -> None:
@@ -126,7 +134,7 @@ class Connection:
         """
         if self._writer is None or self._writer.done():
             return
-        protocol = getattr(self.websocket._send, "__self__", None)
+        protocol = getattr(self._asgi_send, "__self__", None)
         transport = getattr(protocol, "transport", None)
         if isinstance(transport, asyncio.Transport):
             log.info("aborting session %s: its close frame could not be sent", self.session.id)
@@ -135,10 +143,14 @@ class Connection:
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         hello_deadline: float | None = loop.time() + self.hub.settings.hello_timeout_s
+        receive = self._receive
         while not self._closing:
-            timeout = None if hello_deadline is None else max(0.0, hello_deadline - loop.time())
             try:
-                message = await asyncio.wait_for(self.websocket.receive(), timeout)
+                if hello_deadline is None:
+                    message = await receive()
+                else:
+                    remaining = max(0.0, hello_deadline - loop.time())
+                    message = await asyncio.wait_for(receive(), remaining)
             except TimeoutError:
                 self.send(
                     p.Error(
@@ -149,9 +161,7 @@ class Connection:
                 )
                 self.close(CLOSE_HELLO_REQUIRED, "hello_timeout")
                 return
-            except WebSocketDisconnect:
-                return
-            if message["type"] == "websocket.disconnect":
+            if message["type"] != "websocket.receive":
                 return
             payload = message.get("text")
             if payload is None:
@@ -247,20 +257,30 @@ class Connection:
         self.hub.batcher.enqueue(action.request, reply)
 
     async def _write(self) -> None:
-        websocket = self.websocket
+        send = self._asgi_send
+        outbox = self._outbox
         binary = self.codec.binary
+        loop = asyncio.get_running_loop()
         while True:
-            item = await self._outbox.get()
+            if not outbox:
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+                continue
+            item = outbox.popleft()
+            message: dict[str, Any]
+            if isinstance(item, tuple):
+                message = {"type": "websocket.close", "code": item[0], "reason": item[1]}
+            elif binary:
+                message = {"type": "websocket.send", "bytes": item}
+            else:
+                message = {"type": "websocket.send", "text": item.decode()}
             try:
-                if isinstance(item, tuple):
-                    await websocket.close(code=item[0], reason=item[1])
-                    return
-                if binary:
-                    await websocket.send({"type": "websocket.send", "bytes": item})
-                else:
-                    await websocket.send({"type": "websocket.send", "text": item.decode()})
-            except (OSError, RuntimeError, WebSocketDisconnect):
+                await send(message)
+            except (OSError, RuntimeError):
                 # The peer is gone; the reader notices too and ends the session.
+                return
+            if isinstance(item, tuple):
                 return
 
 
@@ -272,14 +292,16 @@ def choose_subprotocol(offered: list[str]) -> str | None:
     return None
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    hub: Hub = websocket.app.state.hub
-    offered = list(websocket.scope.get("subprotocols") or [])
+async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: AsgiSend) -> None:
+    """The ASGI application behind ``GET /v1/ws``."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    offered = list(scope.get("subprotocols") or [])
     chosen = choose_subprotocol(offered)
     if offered and chosen is None:
         # Refuse before the handshake: the client asked only for protocols we do not speak.
-        await websocket.close(code=1002)
+        await send({"type": "websocket.close", "code": 1002, "reason": ""})
         return
-    await websocket.accept(subprotocol=chosen)
+    await send({"type": "websocket.accept", "subprotocol": chosen, "headers": []})
     codec = hub.codecs[chosen or p.JSON_SUBPROTOCOL]
-    await Connection(hub, websocket, codec).run()
+    await Connection(hub, receive, send, codec).run()
