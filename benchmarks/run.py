@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -62,6 +62,7 @@ class Options:
     pg: str
     naive_pool: int
     hub_env: dict[str, str]
+    hub_pg_settings: dict[str, str]
     keep_db: bool
     json_out: Path | None
     quiet_below: float
@@ -298,7 +299,9 @@ def run_server(
     if name == "hub":
         env.update(
             {
-                "ATTENDANCE_DATABASE_URL": dsn,
+                # asyncpg passes a DSN's unknown query parameters on as server settings.
+                "ATTENDANCE_DATABASE_URL": dsn
+                + (f"?{urlencode(options.hub_pg_settings)}" if options.hub_pg_settings else ""),
                 "ATTENDANCE_SECRET": secrets.token_urlsafe(48),
                 "ATTENDANCE_HOST": "127.0.0.1",
                 "ATTENDANCE_PORT": str(port),
@@ -475,6 +478,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--gc-freeze", action="store_true", help="with the probe: gc.freeze() after start-up"
     )
     parser.add_argument("--gc-threshold", metavar="A,B,C", help="with the probe: gc.set_threshold")
+    parser.add_argument(
+        "--hub-pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL setting for the hub's sessions, e.g. plan_cache_mode=force_custom_plan",
+    )
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--json-out", type=Path, help="write every raw result here")
     args = parser.parse_args(argv)
@@ -502,6 +512,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         pg=args.pg,
         naive_pool=args.naive_pool,
         hub_env=hub_env,
+        hub_pg_settings=dict(item.partition("=")[::2] for item in args.hub_pg_setting),
         keep_db=args.keep_db,
         json_out=args.json_out,
         quiet_below=args.quiet_below,
@@ -542,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         + f"; {options.warmup:.0f} s warmup + {options.duration:.0f} s "
         f"measured, {options.rounds} round(s), medians shown; hub {revision}, settings "
         f"{options.hub_env or 'default'}"
+        + (f", PostgreSQL {options.hub_pg_settings}" if options.hub_pg_settings else "")
         + (
             f", gc probe (freeze {options.gc_freeze}, threshold {options.gc_threshold})"
             if options.gc_probe
