@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,8 +80,11 @@ class _Pending:
 
 
 # One statement per batch: resolve each punch's employee (by id or badge), insert the first
-# copy of each new id, and return per input row what happened. The final SELECT reads
-# `punches` as of the statement's start, so `stored_*` describe rows that existed before.
+# copy of each new id, and return two kinds of rows, never joined to each other (a join of
+# the two CTEs can be planned as a nested loop, quadratic in the batch size):
+#   kind 0, one per input punch in order: its resolved employee and site, and the row stored
+#     under its id before this statement began (the SELECT sees that snapshot);
+#   kind 1, one per inserted punch: its key.
 _COMMIT_SQL: Final = """
 WITH input AS (
     SELECT i.*,
@@ -106,18 +109,19 @@ WITH input AS (
     ON CONFLICT (tenant, id) DO NOTHING
     RETURNING tenant, id
 )
-SELECT i.resolved, i.resolved_site, ins.id IS NOT NULL AS inserted,
+SELECT 0 AS row_kind, i.ordinality, i.tenant, i.id, i.resolved, i.resolved_site,
        p.employee AS stored_employee, p.kind AS stored_kind, p.at AS stored_at,
        p.received_at AS stored_received_at
   FROM input i
-  LEFT JOIN inserted ins ON ins.tenant = i.tenant AND ins.id = i.id
-  -- Lateral, so each lookup is one primary-key probe, and only for ids not just inserted.
+  -- Lateral, so each lookup is one primary-key probe.
   LEFT JOIN LATERAL (
       SELECT employee, kind, at, received_at FROM punches
-       WHERE ins.id IS NULL AND tenant = i.tenant AND id = i.id
+       WHERE tenant = i.tenant AND id = i.id
        LIMIT 1  -- keeps the planner from turning the probes into a scan of all punches
   ) p ON true
- ORDER BY i.ordinality
+UNION ALL
+SELECT 1, NULL, tenant, id, NULL, NULL, NULL, NULL, NULL, NULL FROM inserted
+ORDER BY 1, 2
 """
 
 # For ids another transaction committed while this batch's statement ran: invisible to its
@@ -257,9 +261,12 @@ class PunchBatcher:
                 return
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
+            results = Counter(
+                o.reason or o.status for o in outcomes if not isinstance(o, Exception)
+            )
+            for result, count in results.items():
+                metrics.punches(result).inc(count)
             for pending, outcome in zip(batch, outcomes, strict=True):
-                if not isinstance(outcome, Exception):
-                    metrics.punches(outcome.reason or outcome.status).inc()
                 pending.reply(outcome)
         finally:
             self._slots.release()
@@ -281,7 +288,9 @@ class PunchBatcher:
     async def _commit_batch(self, batch: list[_Pending]) -> list[PunchOutcome]:
         outcomes: list[PunchOutcome] = []
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
+            result = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
+            rows = result[: len(batch)]
+            inserted = {(row["tenant"], row["id"]) for row in result[len(batch) :]}
             # What is stored under each id, as far as this batch knows.
             stored: dict[tuple[str, uuid.UUID], _Stored] = {}
             unseen: list[int] = []
@@ -297,7 +306,7 @@ class PunchBatcher:
                 key = (request.tenant, request.id)
                 previous = stored.get(key)
                 if previous is None:
-                    if row["inserted"]:
+                    if key in inserted:
                         stored[key] = _Stored(
                             employee, request.kind, request.at, request.received_at
                         )
