@@ -79,11 +79,10 @@ class _Pending:
     reply: Reply
 
 
-# One statement per batch: resolve each punch's employee (by id or badge), insert the first
-# copy of each new id, and return two kinds of rows, never joined to each other (a join of
-# the two CTEs can be planned as a nested loop, quadratic in the batch size):
-#   kind 0, one per input punch in order: its resolved employee and site, and the row stored
-#     under its id before this statement began (the SELECT sees that snapshot);
+# One statement per batch: resolve each punch's employee (by id or badge) and insert the
+# first copy of each new id. It returns two kinds of rows, never joined to each other (a
+# join of the two CTEs can be planned as a nested loop, quadratic in the batch size):
+#   kind 0, one per input punch, in order: its resolved employee and site;
 #   kind 1, one per inserted punch: its key.
 _COMMIT_SQL: Final = """
 WITH input AS (
@@ -109,23 +108,14 @@ WITH input AS (
     ON CONFLICT (tenant, id) DO NOTHING
     RETURNING tenant, id
 )
-SELECT 0 AS row_kind, i.ordinality, i.tenant, i.id, i.resolved, i.resolved_site,
-       p.employee AS stored_employee, p.kind AS stored_kind, p.at AS stored_at,
-       p.received_at AS stored_received_at
-  FROM input i
-  -- Lateral, so each lookup is one primary-key probe.
-  LEFT JOIN LATERAL (
-      SELECT employee, kind, at, received_at FROM punches
-       WHERE tenant = i.tenant AND id = i.id
-       LIMIT 1  -- keeps the planner from turning the probes into a scan of all punches
-  ) p ON true
+SELECT 0 AS row_kind, ordinality, tenant, id, resolved, resolved_site FROM input
 UNION ALL
-SELECT 1, NULL, tenant, id, NULL, NULL, NULL, NULL, NULL, NULL FROM inserted
+SELECT 1, NULL, tenant, id, NULL, NULL FROM inserted
 ORDER BY 1, 2
 """
 
-# For ids another transaction committed while this batch's statement ran: invisible to its
-# snapshot, so read them again in a new one.
+# The stored rows behind ids that were not inserted: resends, or ids another transaction
+# committed meanwhile. A new statement, so it sees what committed after the insert began.
 _EXISTING_SQL: Final = """
 SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at
   FROM unnest($1::text[], $2::uuid[]) AS q(tenant, id)
@@ -286,64 +276,47 @@ class PunchBatcher:
         return results
 
     async def _commit_batch(self, batch: list[_Pending]) -> list[PunchOutcome]:
-        outcomes: list[PunchOutcome] = []
+        outcomes: list[PunchOutcome | None] = []
         async with self._pool.acquire() as conn, conn.transaction():
             result = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
             rows = result[: len(batch)]
             inserted = {(row["tenant"], row["id"]) for row in result[len(batch) :]}
             # What is stored under each id, as far as this batch knows.
             stored: dict[tuple[str, uuid.UUID], _Stored] = {}
-            unseen: list[int] = []
-            for i, (pending, row) in enumerate(zip(batch, rows, strict=True)):
+            later: list[int] = []
+            for pending, row in zip(batch, rows, strict=True):
                 request = pending.request
                 employee = row["resolved"]
+                key = (request.tenant, request.id)
                 if employee is None:
                     outcomes.append(_rejected(request, "unknown_employee"))
-                    continue
-                if request.only_employee is not None and employee != request.only_employee:
+                elif request.only_employee is not None and employee != request.only_employee:
                     outcomes.append(_rejected(request, "forbidden"))
-                    continue
-                key = (request.tenant, request.id)
-                previous = stored.get(key)
-                if previous is None:
-                    if key in inserted:
-                        stored[key] = _Stored(
-                            employee, request.kind, request.at, request.received_at
+                elif key in stored:
+                    outcomes.append(stored[key].answer(employee, request, row["resolved_site"]))
+                elif key in inserted:
+                    stored[key] = _Stored(employee, request.kind, request.at, request.received_at)
+                    outcomes.append(
+                        PunchOutcome(
+                            "accepted", request.received_at, None, employee, row["resolved_site"]
                         )
-                        outcomes.append(
-                            PunchOutcome(
-                                "accepted",
-                                request.received_at,
-                                None,
-                                employee,
-                                row["resolved_site"],
-                            )
-                        )
-                        continue
-                    if row["stored_employee"] is None:
-                        outcomes.append(_rejected(request, "pending"))
-                        unseen.append(i)
-                        continue
-                    previous = stored[key] = _Stored(
-                        row["stored_employee"],
-                        row["stored_kind"],
-                        row["stored_at"],
-                        row["stored_received_at"],
                     )
-                outcomes.append(previous.answer(employee, request, row["resolved_site"]))
-            if unseen:
-                await self._settle_unseen(conn, batch, rows, unseen, outcomes)
-        return outcomes
+                else:
+                    later.append(len(outcomes))
+                    outcomes.append(None)
+            if later:
+                await self._answer_from_stored(conn, batch, rows, later, outcomes)
+        return [outcome for outcome in outcomes if outcome is not None]
 
-    async def _settle_unseen(
+    async def _answer_from_stored(
         self,
         conn: Conn,
         batch: list[_Pending],
         rows: list[asyncpg.Record],
-        unseen: list[int],
-        outcomes: list[PunchOutcome],
+        later: list[int],
+        outcomes: list[PunchOutcome | None],
     ) -> None:
-        requests = [batch[i].request for i in unseen]
+        requests = [batch[i].request for i in later]
         found = await conn.fetch(
             _EXISTING_SQL, [r.tenant for r in requests], [r.id for r in requests]
         )
@@ -353,8 +326,8 @@ class PunchBatcher:
             )
             for row in found
         }
-        for i, request in zip(unseen, requests, strict=True):
-            # The conflicting insert committed before ours could see it, so it is stored now.
+        for i, request in zip(later, requests, strict=True):
+            # Not inserted, so a row holds this id: ON CONFLICT waited for it to commit.
             previous = stored[(request.tenant, request.id)]
             outcomes[i] = previous.answer(rows[i]["resolved"], request, rows[i]["resolved_site"])
 
