@@ -14,14 +14,13 @@ import os
 import secrets
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.support import HubProcess, TenantKit, free_port, make_dsn
+from tests.support import HubProcess, TenantKit, make_dsn, provisioned_tenant, running_hub
 
 REQUIRE_SERVICES = os.environ.get("ATTENDANCE_TEST_REQUIRE_SERVICES") == "1"
 MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -94,25 +93,13 @@ def database(pg_server: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def hub_process(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     """One real `attendance-hub serve` (uvicorn) against the test database, shared by tests."""
-    process = HubProcess(
-        port=free_port(),
-        env={"ATTENDANCE_DATABASE_URL": database, "ATTENDANCE_SECRET": TEST_SECRET},
-        log_path=Path(tmp_path_factory.mktemp("hub")) / "hub.log",
-    )
-    process.start()
-    try:
+    env = {"ATTENDANCE_DATABASE_URL": database, "ATTENDANCE_SECRET": TEST_SECRET}
+    with running_hub(tmp_path_factory.mktemp("hub"), env) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
 async def tenant(hub_process: HubProcess, database: str) -> AsyncIterator[TenantKit]:
     """A new tenant with a site `hq`, employees e1..e3 (badges b1..b3) and terminal `door`."""
-    kit = TenantKit(hub_process.base_url, database, TEST_SECRET, f"t-{uuid.uuid4().hex[:10]}")
-    await kit.create()
-    await kit.provision()
-    try:
+    async with provisioned_tenant(hub_process.base_url, database, TEST_SECRET, "t") as kit:
         yield kit
-    finally:
-        await kit.close()

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,6 +204,31 @@ class TenantKit:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+@contextmanager
+def running_hub(log_dir: Path, env: dict[str, str]) -> Iterator[HubProcess]:
+    """`attendance-hub serve` on a free port with these settings, stopped afterwards."""
+    process = HubProcess(port=free_port(), env=env, log_path=log_dir / "hub.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@asynccontextmanager
+async def provisioned_tenant(
+    base_url: str, dsn: str, secret: str, prefix: str
+) -> AsyncIterator[TenantKit]:
+    """A new tenant with a site `hq`, employees e1..e3 (badges b1..b3) and terminal `door`."""
+    kit = TenantKit(base_url, dsn, secret, f"{prefix}-{uuid.uuid4().hex[:10]}")
+    await kit.create()
+    await kit.provision()
+    try:
+        yield kit
+    finally:
+        await kit.close()
 
 
 class Client:

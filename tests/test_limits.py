@@ -7,47 +7,33 @@ import base64
 import json
 import os
 import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import websockets
 
 from tests.conftest import TEST_SECRET
-from tests.support import HubProcess, TenantKit, free_port, punch_frame
+from tests.support import HubProcess, TenantKit, provisioned_tenant, punch_frame, running_hub
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture(scope="module")
 def strict_hub(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    process = HubProcess(
-        port=free_port(),
-        env={
-            "ATTENDANCE_DATABASE_URL": database,
-            "ATTENDANCE_SECRET": TEST_SECRET,
-            "ATTENDANCE_HELLO_TIMEOUT_S": "1",
-            "ATTENDANCE_SEND_QUEUE_FRAMES": "16",
-        },
-        log_path=Path(tmp_path_factory.mktemp("strict-hub")) / "hub.log",
-    )
-    process.start()
-    try:
+    env = {
+        "ATTENDANCE_DATABASE_URL": database,
+        "ATTENDANCE_SECRET": TEST_SECRET,
+        "ATTENDANCE_HELLO_TIMEOUT_S": "1",
+        "ATTENDANCE_SEND_QUEUE_FRAMES": "16",
+    }
+    with running_hub(tmp_path_factory.mktemp("strict-hub"), env) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
 async def strict_tenant(strict_hub: HubProcess, database: str) -> AsyncIterator[TenantKit]:
-    kit = TenantKit(strict_hub.base_url, database, TEST_SECRET, f"s-{uuid.uuid4().hex[:10]}")
-    await kit.create()
-    await kit.provision()
-    try:
+    async with provisioned_tenant(strict_hub.base_url, database, TEST_SECRET, "s") as kit:
         yield kit
-    finally:
-        await kit.close()
 
 
 async def test_no_hello_in_time_closes_4002(strict_tenant: TenantKit) -> None:

@@ -17,7 +17,7 @@ import pytest
 import websockets
 
 from tests.conftest import TEST_SECRET
-from tests.support import Client, HubProcess, TenantKit, punch_frame
+from tests.support import Client, HubProcess, TenantKit, provisioned_tenant, punch_frame
 
 pytestmark = pytest.mark.postgres
 
@@ -86,13 +86,8 @@ async def add_annex(tenant: TenantKit) -> str:
 @pytest.fixture
 async def other(hub_process: HubProcess, database: str) -> AsyncIterator[TenantKit]:
     """A second tenant, provisioned with the very same ids as `tenant`."""
-    kit = TenantKit(hub_process.base_url, database, TEST_SECRET, f"o-{uuid.uuid4().hex[:10]}")
-    await kit.create()
-    await kit.provision()
-    try:
+    async with provisioned_tenant(hub_process.base_url, database, TEST_SECRET, "o") as kit:
         yield kit
-    finally:
-        await kit.close()
 
 
 @pytest.fixture
