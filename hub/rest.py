@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from hub import store
 from hub.protocol import EntityId, format_time
 from hub.tokens import ROLES, Claims, Role, TokenError
+from hub.types import Conn
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -225,34 +227,51 @@ class Api:
         employee = self.path_id(request, "employee")
         body = await self.body(request, EmployeeBody)
         values = {"name": body.name, "site": body.site, "badge": body.badge}
+        after, created = await self._put_audited(
+            request,
+            claims,
+            "employees",
+            store.EMPLOYEE_COLUMNS,
+            employee,
+            body.site,
+            store.upsert_employee,
+            values,
+            f"badge {body.badge!r} belongs to another employee",
+        )
+        return json_response(after, 201 if created else 200)
+
+    async def _put_audited(
+        self,
+        request: Request,
+        claims: Claims,
+        table: str,
+        columns: str,
+        entity: str,
+        site: str,
+        upsert: Callable[[Conn, str, str, dict[str, Any]], Awaitable[None]],
+        values: dict[str, Any],
+        taken: str,
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """Create or replace an employee or a device at a site, audited.
+
+        A badge or serial number that another row holds is a 409.
+        """
         async with self.hub.pool.acquire() as conn, conn.transaction():
-            if await store.get_row(conn, "sites", "id", claims.tenant, body.site) is None:
-                raise ApiError(400, f"no site {body.site!r}; create it first", "unknown_site")
-            if body.badge is not None:
-                holder = await conn.fetchval(
-                    "SELECT id FROM employees WHERE tenant = $1 AND badge = $2 AND id <> $3",
-                    claims.tenant,
-                    body.badge,
-                    employee,
-                )
-                if holder is not None:
-                    raise ApiError(409, f"badge {body.badge!r} belongs to employee {holder!r}")
-            before = await store.get_row(
-                conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee, lock=True
-            )
+            if await store.get_row(conn, "sites", "id", claims.tenant, site) is None:
+                raise ApiError(400, f"no site {site!r}; create it first", "unknown_site")
+            before = await store.get_row(conn, table, columns, claims.tenant, entity, lock=True)
             try:
+                # A savepoint, so that a badge or serial number taken by another row is a 409.
                 async with conn.transaction():
-                    await store.upsert_employee(conn, claims.tenant, employee, values)
+                    await upsert(conn, claims.tenant, entity, values)
             except asyncpg.UniqueViolationError:
-                # Another request took the badge between our check and the insert.
-                raise ApiError(409, f"badge {body.badge!r} belongs to another employee") from None
-            after = await store.get_row(
-                conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee
-            )
+                raise ApiError(409, taken) from None
+            after = await store.get_row(conn, table, columns, claims.tenant, entity)
+            kind = table.removesuffix("s")
             await self.audit(
-                conn, request, claims, "employee.put", f"employee:{employee}", before, after
+                conn, request, claims, f"{kind}.put", f"{kind}:{entity}", before, after
             )
-        return json_response(after, 201 if before is None else 200)
+        return after, before is None
 
     async def get_employee(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
@@ -278,33 +297,17 @@ class Api:
         device = self.path_id(request, "device")
         body = await self.body(request, DeviceBody)
         values = {"site": body.site, "name": body.name or device, "adms_sn": body.adms_sn}
-        async with self.hub.pool.acquire() as conn, conn.transaction():
-            if await store.get_row(conn, "sites", "id", claims.tenant, body.site) is None:
-                raise ApiError(400, f"no site {body.site!r}; create it first", "unknown_site")
-            if body.adms_sn is not None:
-                holder = await conn.fetchval(
-                    "SELECT tenant || '/' || id FROM devices WHERE adms_sn = $1 "
-                    "AND NOT (tenant = $2 AND id = $3)",
-                    body.adms_sn,
-                    claims.tenant,
-                    device,
-                )
-                if holder is not None:
-                    raise ApiError(409, f"serial number {body.adms_sn!r} is already registered")
-            before = await store.get_row(
-                conn, "devices", store.DEVICE_COLUMNS, claims.tenant, device, lock=True
-            )
-            try:
-                async with conn.transaction():
-                    await store.upsert_device(conn, claims.tenant, device, values)
-            except asyncpg.UniqueViolationError:
-                raise ApiError(
-                    409, f"serial number {body.adms_sn!r} is already registered"
-                ) from None
-            after = await store.get_row(
-                conn, "devices", store.DEVICE_COLUMNS, claims.tenant, device
-            )
-            await self.audit(conn, request, claims, "device.put", f"device:{device}", before, after)
+        _, created = await self._put_audited(
+            request,
+            claims,
+            "devices",
+            store.DEVICE_COLUMNS,
+            device,
+            body.site,
+            store.upsert_device,
+            values,
+            f"serial number {body.adms_sn!r} is already registered",
+        )
         token, _ = self.hub.tokens.issue(
             tenant=claims.tenant,
             role="terminal",
@@ -312,7 +315,7 @@ class Api:
             site=body.site,
             ttl_s=DEVICE_TOKEN_TTL_S,
         )
-        return json_response({"device": device, "token": token}, 201 if before is None else 200)
+        return json_response({"device": device, "token": token}, 201 if created else 200)
 
     async def list_devices(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
