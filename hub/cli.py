@@ -22,6 +22,7 @@ from hub.config import ConfigError, Settings
 from hub.embedded_pg import DataDirBusy, EmbeddedPostgres, EmbeddedStartError
 from hub.migrate import migrate
 from hub.tokens import TokenIssuer, load_or_create_secret
+from hub.wsproto import HubWebSocketProtocol
 
 log = logging.getLogger("attendance_hub")
 
@@ -209,7 +210,7 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
             create_app(hub),
             host=settings.host,
             port=settings.port,
-            ws="websockets-sansio",
+            ws=HubWebSocketProtocol,
             ws_max_size=settings.max_frame_bytes,
             ws_ping_interval=settings.heartbeat_s,
             ws_ping_timeout=settings.heartbeat_s,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import functools
+from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # The `_created` series double every counter's output and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -14,9 +18,43 @@ CONNECTIONS = Gauge(
     "Open WebSocket sessions by role (unauthenticated until hello).",
     ["role"],
 )
-FRAMES = Counter(
-    "attendance_frames_total", "WebSocket frames by direction and type.", ["direction", "type"]
-)
+
+
+class _FrameCounts(Collector):
+    """``attendance_frames_total``, counted in plain dicts and read when scraped.
+
+    Every frame in and out is counted, and prometheus_client's ``Counter`` takes a
+    lock per increment. These dicts are only touched from the event loop's thread.
+    """
+
+    def __init__(self) -> None:
+        self.incoming: collections.Counter[str] = collections.Counter()
+        self.outgoing: collections.Counter[str] = collections.Counter()
+        REGISTRY.register(self)
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for direction, counts in (("in", self.incoming), ("out", self.outgoing)):
+            for frame_type, count in sorted(counts.items()):
+                family.add_metric([direction, frame_type], count)
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "attendance_frames",
+            "WebSocket frames by direction and type.",
+            labels=["direction", "type"],
+        )
+
+
+_FRAMES = _FrameCounts()
+# frames in by type ("invalid" for undecodable input); frames out by type
+FRAMES_IN = _FRAMES.incoming
+FRAMES_OUT = _FRAMES.outgoing
 PUNCHES = Counter(
     "attendance_punches_total", "Punches answered, by ack status or rejection reason.", ["result"]
 )
@@ -54,12 +92,6 @@ HTTP_REQUESTS = Counter(
     "REST requests by route template and status.",
     ["route", "status"],
 )
-
-
-@functools.cache
-def frames(direction: str, frame_type: str) -> Counter:
-    """The child counter for one direction and frame type, looked up once (hot path)."""
-    return FRAMES.labels(direction, frame_type)
 
 
 @functools.cache

@@ -98,7 +98,8 @@ class Welcome(_ServerFrame, tag="welcome"):
 
 
 class Ack(_ServerFrame, tag="ack"):
-    id: str
+    # A punch's UUID as it was decoded: msgspec writes its canonical text itself.
+    id: uuid.UUID | str
     status: AckStatus
     reason: str | None = None
     received_at: str | None = None
@@ -121,7 +122,7 @@ class Error(_ServerFrame, tag="error"):
     message: str
     ref: str | None = None
     # The punch this error is about, when it is about one that was not stored.
-    id: str | None = None
+    id: uuid.UUID | str | None = None
 
 
 class Drain(_ServerFrame, tag="drain"):
@@ -198,4 +199,7 @@ def _describe(exc: Exception) -> str:
 
 def format_time(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds, the form the server always writes."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # Every ack carries one of these, and a UTC isoformat always ends in "+00:00".
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"

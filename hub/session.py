@@ -10,9 +10,10 @@ from __future__ import annotations
 import enum
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
+
+import msgspec
 
 from hub import protocol as p
 from hub.tokens import Claims, TokenError, TokenIssuer
@@ -50,19 +51,18 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+# Actions are msgspec Structs rather than frozen dataclasses: every punch makes at least
+# one, and a Struct is built in C where a frozen dataclass calls object.__setattr__ per field.
+class Send(msgspec.Struct, frozen=True):
     frame: p.ServerFrame
 
 
-@dataclass(frozen=True, slots=True)
-class SubmitPunch:
+class SubmitPunch(msgspec.Struct, frozen=True):
     request: PunchRequest
     ref: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(msgspec.Struct, frozen=True):
     code: int
     reason: str
 
@@ -154,29 +154,17 @@ class Session:
 
     def _punch(self, punch: p.Punch, claims: Claims, now: datetime) -> list[Action]:
         assert punch.id is not None and punch.kind is not None and punch.at is not None
-        punch_id = str(punch.id)
-
-        def reject(reason: str) -> list[Action]:
-            ack = p.Ack(
-                id=punch_id,
-                status="rejected",
-                reason=reason,
-                received_at=p.format_time(now),
-                ref=punch.ref,
-            )
-            return [Send(ack)]
-
         if claims.role == "supervisor":
-            return reject("forbidden")
+            return _reject(punch, "forbidden", now)
         if claims.role == "employee" and punch.employee not in (None, claims.employee):
-            return reject("forbidden")
+            return _reject(punch, "forbidden", now)
         try:
             at = punch.at.astimezone(UTC)
         except OverflowError:
             # A local time like 0001-01-01T00:00+05:00 has no UTC instant.
-            return reject("invalid_time")
+            return _reject(punch, "invalid_time", now)
         if at - now > FUTURE_TOLERANCE:
-            return reject("invalid_time")
+            return _reject(punch, "invalid_time", now)
         geo = punch.geo
         request = PunchRequest(
             tenant=claims.tenant,
@@ -222,3 +210,11 @@ class Session:
     def _close(self, code: int, error_code: str, message: str, ref: str | None) -> list[Action]:
         self.state = SessionState.CLOSED
         return [Send(p.Error(code=error_code, message=message, ref=ref)), Close(code, error_code)]
+
+
+def _reject(punch: p.Punch, reason: str, now: datetime) -> list[Action]:
+    assert punch.id is not None
+    ack = p.Ack(
+        id=punch.id, status="rejected", reason=reason, received_at=p.format_time(now), ref=punch.ref
+    )
+    return [Send(ack)]

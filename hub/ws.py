@@ -102,7 +102,7 @@ class Connection:
             self._jump_close(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
         self._push(self.codec.encode(frame))
-        metrics.frames("out", frame.__struct_config__.tag).inc()
+        metrics.FRAMES_OUT[str(frame.__struct_config__.tag)] += 1
 
     def close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -170,10 +170,10 @@ class Connection:
             try:
                 frame = self.codec.decode(payload)
             except p.FrameError as exc:
-                metrics.frames("in", "invalid").inc()
+                metrics.FRAMES_IN["invalid"] += 1
                 self._act(self.session.bad_frame(str(exc), exc.ref, now))
                 continue
-            metrics.frames("in", frame.__struct_config__.tag).inc()
+            metrics.FRAMES_IN[str(frame.__struct_config__.tag)] += 1
             self._act(self.session.receive(frame, now))
             if self.session.claims is not None and hello_deadline is not None:
                 hello_deadline = None
@@ -209,7 +209,7 @@ class Connection:
                     self.close(code, reason)
 
     def _submit(self, action: SubmitPunch) -> None:
-        punch_id = str(action.request.id)
+        punch_id = action.request.id
         if self.hub.draining:
             self.send(
                 p.Error(

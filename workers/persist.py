@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Final, Literal, NamedTuple
 
 import asyncpg
+import msgspec
 
 from hub import metrics
 from hub.types import Conn
@@ -61,8 +62,9 @@ class PunchRequest(NamedTuple):
     actor: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PunchOutcome:
+class PunchOutcome(msgspec.Struct, frozen=True):
+    """What became of one punch. A Struct, built in C: the hub makes one per punch."""
+
     status: Status
     received_at: datetime
     reason: str | None = None
@@ -73,17 +75,14 @@ class PunchOutcome:
 Reply = Callable[[PunchOutcome | Exception], None]
 
 
-@dataclass(slots=True)
-class _Pending:
+class _Pending(NamedTuple):
     request: PunchRequest
     reply: Reply
 
 
 # One statement per batch: resolve each punch's employee (by id or badge) and insert the
-# first copy of each new id. It returns two kinds of rows, never joined to each other (a
-# join of the two CTEs can be planned as a nested loop, quadratic in the batch size):
-#   kind 0, one per input punch, in order: its resolved employee and site;
-#   kind 1, one per inserted punch: its key.
+# first copy of each new id. It returns one row per input punch, in order: its resolved
+# employee and site, and (the same on every row) how many punches were inserted.
 _COMMIT_SQL: Final = """
 WITH input AS (
     SELECT i.*,
@@ -106,18 +105,19 @@ WITH input AS (
      WHERE resolved IS NOT NULL AND (only_employee IS NULL OR resolved = only_employee)
      ORDER BY tenant, id, ordinality
     ON CONFLICT (tenant, id) DO NOTHING
-    RETURNING tenant, id
+    RETURNING 1
 )
-SELECT 0 AS row_kind, ordinality, tenant, id, resolved, resolved_site FROM input
-UNION ALL
-SELECT 1, NULL, tenant, id, NULL, NULL FROM inserted
-ORDER BY 1, 2
+SELECT resolved, resolved_site, (SELECT count(*) FROM inserted) AS inserted
+  FROM input
+ ORDER BY ordinality
 """
 
-# The stored rows behind ids that were not inserted: resends, or ids another transaction
-# committed meanwhile. A new statement, so it sees what committed after the insert began.
-_EXISTING_SQL: Final = """
-SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at
+# The stored rows behind the ids of a batch that inserted fewer rows than it had punches to
+# insert, and whether this transaction inserted each. A new statement, so it also sees rows
+# that other transactions committed while the insert waited on them.
+_STORED_SQL: Final = """
+SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at,
+       p.xmin = pg_current_xact_id()::xid AS ours
   FROM unnest($1::text[], $2::uuid[]) AS q(tenant, id)
   JOIN punches p ON p.tenant = q.tenant AND p.id = q.id
 """
@@ -276,59 +276,55 @@ class PunchBatcher:
         return results
 
     async def _commit_batch(self, batch: list[_Pending]) -> list[PunchOutcome]:
-        outcomes: list[PunchOutcome | None] = []
+        outcomes: list[PunchOutcome] = []
+        # Indexes of the punches that resolved to an employee they may punch for.
+        eligible: list[int] = []
         async with self._pool.acquire() as conn, conn.transaction():
-            result = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
-            rows = result[: len(batch)]
-            inserted = {(row["tenant"], row["id"]) for row in result[len(batch) :]}
-            # What is stored under each id, as far as this batch knows.
-            stored: dict[tuple[str, uuid.UUID], _Stored] = {}
-            later: list[int] = []
-            for pending, row in zip(batch, rows, strict=True):
+            rows = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
+            for index, (pending, row) in enumerate(zip(batch, rows, strict=True)):
                 request = pending.request
                 employee = row["resolved"]
-                key = (request.tenant, request.id)
                 if employee is None:
                     outcomes.append(_rejected(request, "unknown_employee"))
                 elif request.only_employee is not None and employee != request.only_employee:
                     outcomes.append(_rejected(request, "forbidden"))
-                elif key in stored:
-                    outcomes.append(stored[key].answer(employee, request, row["resolved_site"]))
-                elif key in inserted:
-                    stored[key] = _Stored(employee, request.kind, request.at, request.received_at)
+                else:
+                    eligible.append(index)
                     outcomes.append(
                         PunchOutcome(
                             "accepted", request.received_at, None, employee, row["resolved_site"]
                         )
                     )
-                else:
-                    later.append(len(outcomes))
-                    outcomes.append(None)
-            if later:
-                await self._answer_from_stored(conn, batch, rows, later, outcomes)
-        return [outcome for outcome in outcomes if outcome is not None]
+            # As many rows inserted as eligible punches means every one was new. Fewer means
+            # some repeat an id, within the batch or one stored before: settle those.
+            if eligible and rows[0]["inserted"] < len(eligible):
+                await self._settle_repeats(conn, batch, rows, eligible, outcomes)
+        return outcomes
 
-    async def _answer_from_stored(
+    async def _settle_repeats(
         self,
         conn: Conn,
         batch: list[_Pending],
         rows: list[asyncpg.Record],
-        later: list[int],
-        outcomes: list[PunchOutcome | None],
+        eligible: list[int],
+        outcomes: list[PunchOutcome],
     ) -> None:
-        requests = [batch[i].request for i in later]
+        requests = [batch[i].request for i in eligible]
         found = await conn.fetch(
-            _EXISTING_SQL, [r.tenant for r in requests], [r.id for r in requests]
+            _STORED_SQL, [r.tenant for r in requests], [r.id for r in requests]
         )
-        stored = {
-            (row["tenant"], row["id"]): _Stored(
-                row["employee"], row["kind"], row["at"], row["received_at"]
-            )
-            for row in found
-        }
-        for i, request in zip(later, requests, strict=True):
-            # Not inserted, so a row holds this id: ON CONFLICT waited for it to commit.
-            previous = stored[(request.tenant, request.id)]
+        stored = {(row["tenant"], row["id"]): row for row in found}
+        seen: set[tuple[str, uuid.UUID]] = set()
+        for i, request in zip(eligible, requests, strict=True):
+            key = (request.tenant, request.id)
+            # A row holds every eligible id: this batch inserted it, or ON CONFLICT found it.
+            row = stored[key]
+            if row["ours"] and key not in seen:
+                # The first copy in the batch is the one inserted; its outcome stands.
+                seen.add(key)
+                continue
+            seen.add(key)
+            previous = _Stored(row["employee"], row["kind"], row["at"], row["received_at"])
             outcomes[i] = previous.answer(rows[i]["resolved"], request, rows[i]["resolved_site"])
 
 
