@@ -344,8 +344,11 @@ def run_server(
         before = asyncio.run(_stored(dsn, name))
         accepted = unacked = 0
         for _ in range(rounds):
-            # A rate of 0 skips the latency scenario.
-            for rate in (None, options.rate) if options.rate > 0 else (None,):
+            # An in-flight of 0 skips the throughput scenario, a rate of 0 the latency one.
+            scenarios = ((None,) if options.in_flight > 0 else ()) + (
+                (options.rate,) if options.rate > 0 else ()
+            )
+            for rate in scenarios:
                 result = loadgen(options, server, tokens, rate, urlsplit(dsn).path.lstrip("/"))
                 (outcome.closed if rate is None else outcome.rate).setdefault(name, []).append(
                     result

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from hub.session import (
     Session,
     SubmitPunch,
 )
+from hub.wsproto import CORK_EXTENSION
 from workers.persist import PunchOutcome, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -46,10 +48,20 @@ ABORT_AFTER_S = 2.0
 
 
 class Connection:
-    def __init__(self, hub: Hub, receive: Receive, send: AsgiSend, codec: p.Codec) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        receive: Receive,
+        send: AsgiSend,
+        codec: p.Codec,
+        cork: dict[str, Callable[[], None]] | None = None,
+    ) -> None:
         self.hub = hub
         self._receive = receive
         self._asgi_send = send
+        # The server's write corking (hub/wsproto.py), when it offers it.
+        self._cork = cork["cork"] if cork else _nothing
+        self._uncork = cork["uncork"] if cork else _nothing
         self.codec = codec
         self.session = Session(hub.tokens, heartbeat_s=hub.settings.heartbeat_s)
         self._outbox: deque[bytes | tuple[int, str]] = deque()
@@ -267,21 +279,27 @@ class Connection:
                 await self._wake
                 self._wake = None
                 continue
-            item = outbox.popleft()
-            message: dict[str, Any]
-            if isinstance(item, tuple):
-                message = {"type": "websocket.close", "code": item[0], "reason": item[1]}
-            elif binary:
-                message = {"type": "websocket.send", "bytes": item}
-            else:
-                message = {"type": "websocket.send", "text": item.decode()}
+            # Everything queued now leaves in one write: a commit acks several punches of
+            # this client at once.
+            self._cork()
             try:
-                await send(message)
+                while outbox:
+                    item = outbox.popleft()
+                    message: dict[str, Any]
+                    if isinstance(item, tuple):
+                        message = {"type": "websocket.close", "code": item[0], "reason": item[1]}
+                    elif binary:
+                        message = {"type": "websocket.send", "bytes": item}
+                    else:
+                        message = {"type": "websocket.send", "text": item.decode()}
+                    await send(message)
+                    if isinstance(item, tuple):
+                        return
             except (OSError, RuntimeError):
                 # The peer is gone; the reader notices too and ends the session.
                 return
-            if isinstance(item, tuple):
-                return
+            finally:
+                self._uncork()
 
 
 def choose_subprotocol(offered: list[str]) -> str | None:
@@ -304,4 +322,9 @@ async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Asg
         return
     await send({"type": "websocket.accept", "subprotocol": chosen, "headers": []})
     codec = hub.codecs[chosen or p.JSON_SUBPROTOCOL]
-    await Connection(hub, receive, send, codec).run()
+    cork = scope.get("extensions", {}).get(CORK_EXTENSION)
+    await Connection(hub, receive, send, codec, cork).run()
+
+
+def _nothing() -> None:
+    pass

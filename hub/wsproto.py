@@ -1,47 +1,56 @@
-"""uvicorn's sans-I/O WebSocket protocol, with one ``write()`` per connection per loop turn.
+"""uvicorn's sans-I/O WebSocket protocol, letting the application cork its writes.
 
 Under ASGI every ``websocket.send`` becomes its own ``transport.write``, which
 the transport turns into its own ``send()`` syscall while its buffer is empty.
 A commit acks several punches of the same terminal at once, and one syscall
-per ack was the largest single cost in the hub's profile. ``CorkedTransport``
-collects what is written during one turn of the event loop and hands it to the
-real transport in one piece at the start of the next, so the acks of one commit
-leave in one segment. Nothing else about uvicorn's protocol changes.
+per ack was the largest single cost in the hub's profile. This protocol's
+transport can be corked: while corked it collects what is written, and
+uncorking hands it to the real transport in one piece. The application gets
+``cork`` and ``uncork`` through the ASGI scope's extensions, under
+``CORK_EXTENSION``; nothing else about uvicorn's protocol changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, Final, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+
+CORK_EXTENSION: Final = "attendance.cork"
 
 
-class CorkedTransport(asyncio.Transport):
-    """A transport that defers its writes to the next loop turn and joins them.
+class CorkableTransport(asyncio.Transport):
+    """A transport that, while corked, collects its writes and joins them on uncork.
 
-    Closing flushes first, so a close frame still follows everything written
-    before it; aborting drops what is pending, as aborting a real transport
-    drops its buffer.
+    Uncorked, writes go straight through. Closing sends what is pending first, so
+    a close frame still follows everything written before it; aborting drops
+    what is pending, as aborting a real transport drops its buffer.
     """
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport) -> None:
         super().__init__()
         self._transport = transport
-        self._loop = loop
         self._pending: list[bytes] = []
-        self._scheduled = False
+        self._corked = False
+
+    def cork(self) -> None:
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        self._flush()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        self._pending.append(bytes(data))
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
+        if self._corked:
+            if data:
+                self._pending.append(bytes(data))
+        else:
+            self._transport.write(data)
 
-    def flush(self) -> None:
-        self._scheduled = False
+    def _flush(self) -> None:
         pending = self._pending
         if not pending or self._transport.is_closing():
             pending.clear()
@@ -51,7 +60,7 @@ class CorkedTransport(asyncio.Transport):
         self._transport.write(data)
 
     def close(self) -> None:
-        self.flush()
+        self._flush()
         self._transport.close()
 
     def abort(self) -> None:
@@ -59,7 +68,7 @@ class CorkedTransport(asyncio.Transport):
         self._transport.abort()
 
     def write_eof(self) -> None:
-        self.flush()
+        self._flush()
         self._transport.write_eof()
 
     def can_write_eof(self) -> bool:
@@ -97,10 +106,23 @@ class CorkedTransport(asyncio.Transport):
 
 
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's ``websockets-sansio`` protocol writing through a ``CorkedTransport``.
+    """uvicorn's ``websockets-sansio`` protocol over a ``CorkableTransport``.
 
-    Pass the class itself as uvicorn's ``ws`` option.
+    Pass the class itself as uvicorn's ``ws`` option. The scope of every
+    connection carries ``{"cork": ..., "uncork": ...}`` under ``CORK_EXTENSION``.
     """
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(CorkedTransport(cast(asyncio.Transport, transport), self.loop))
+        self.corkable = CorkableTransport(cast(asyncio.Transport, transport))
+        super().connection_made(self.corkable)
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            # The application task is created but has not run yet, so it sees this.
+            cork: dict[str, Callable[[], None]] = {
+                "cork": self.corkable.cork,
+                "uncork": self.corkable.uncork,
+            }
+            scope["extensions"][CORK_EXTENSION] = cork

@@ -1,6 +1,7 @@
-"""The write-joining transport under the hub's WebSocket protocol (hub/wsproto.py).
+"""The hub's WebSocket protocol (hub/wsproto.py): a transport the application can cork.
 
-Each test wraps one end of a real socket pair and reads what reaches the other end.
+The transport tests wrap one end of a real socket pair and read what reaches
+the other end; the last test runs the protocol under a real uvicorn.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+import uvicorn
+import websockets
 
-from hub.wsproto import CorkedTransport
+from hub.wsproto import CORK_EXTENSION, CorkableTransport, HubWebSocketProtocol
 
 
-class _Recorder(asyncio.Protocol):
+class _Holder(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
 
@@ -26,13 +30,13 @@ class _Recorder(asyncio.Protocol):
 
 @dataclass
 class Pair:
-    corked: CorkedTransport
+    corkable: CorkableTransport
     inner: asyncio.Transport
     peer: socket.socket
     writes: list[bytes] = field(default_factory=list)
 
     async def read_all(self) -> bytes:
-        """Everything the peer receives until the corked side closes."""
+        """Everything the peer receives until our side closes."""
         loop = asyncio.get_running_loop()
         chunks = []
         while chunk := await loop.sock_recv(self.peer, 65536):
@@ -45,11 +49,11 @@ async def pair() -> AsyncIterator[Pair]:
     loop = asyncio.get_running_loop()
     ours, peer = socket.socketpair()
     peer.setblocking(False)
-    recorder = _Recorder()
-    await loop.connect_accepted_socket(lambda: recorder, ours)
-    inner = recorder.transport
+    holder = _Holder()
+    await loop.connect_accepted_socket(lambda: holder, ours)
+    inner = holder.transport
     assert inner is not None
-    built = Pair(CorkedTransport(inner, loop), inner, peer)
+    built = Pair(CorkableTransport(inner), inner, peer)
     real_write = inner.write
 
     def counted(data: bytes | bytearray | memoryview) -> None:
@@ -63,47 +67,80 @@ async def pair() -> AsyncIterator[Pair]:
     peer.close()
 
 
-async def test_writes_of_one_loop_turn_reach_the_socket_in_one_write(pair: Pair) -> None:
-    for frame in (b"one ", b"two ", b"three "):
-        pair.corked.write(frame)
-    assert pair.writes == [] and pair.corked.get_write_buffer_size() == len(b"one two three ")
-    await asyncio.sleep(0)
-    assert pair.writes == [b"one two three "]
+async def test_uncorked_writes_go_straight_through(pair: Pair) -> None:
+    pair.corkable.write(b"one ")
+    pair.corkable.write(b"two")
+    assert pair.writes == [b"one ", b"two"]
+    pair.corkable.close()
+    assert await pair.read_all() == b"one two"
 
-    pair.corked.write(b"four")
-    await asyncio.sleep(0)
+
+async def test_corked_writes_leave_in_one_write_on_uncork(pair: Pair) -> None:
+    pair.corkable.cork()
+    for frame in (b"one ", b"two ", b"three "):
+        pair.corkable.write(frame)
+    assert pair.writes == [] and pair.corkable.get_write_buffer_size() == len(b"one two three ")
+    pair.corkable.uncork()
+    assert pair.writes == [b"one two three "]
+    pair.corkable.write(b"four")
     assert pair.writes == [b"one two three ", b"four"]
-    pair.corked.close()
+    pair.corkable.close()
     assert await pair.read_all() == b"one two three four"
 
 
 async def test_close_sends_what_is_pending_first(pair: Pair) -> None:
-    pair.corked.write(b"last ack ")
-    pair.corked.write(b"close frame")
-    pair.corked.close()
-    assert pair.corked.is_closing()
+    pair.corkable.cork()
+    pair.corkable.write(b"last ack ")
+    pair.corkable.write(b"close frame")
+    pair.corkable.close()
+    assert pair.corkable.is_closing()
     assert await pair.read_all() == b"last ack close frame"
 
 
 async def test_abort_drops_what_is_pending(pair: Pair) -> None:
-    pair.corked.write(b"sent")
-    await asyncio.sleep(0)
-    pair.corked.write(b"never sent")
-    pair.corked.abort()
-    await asyncio.sleep(0)
+    pair.corkable.write(b"sent")
+    pair.corkable.cork()
+    pair.corkable.write(b"never sent")
+    pair.corkable.abort()
+    pair.corkable.uncork()
     assert pair.writes == [b"sent"]
     assert await pair.read_all() == b"sent"
 
 
-async def test_a_write_after_the_transport_closed_is_dropped_quietly(pair: Pair) -> None:
+async def test_what_is_pending_when_the_transport_closed_is_dropped(pair: Pair) -> None:
+    pair.corkable.cork()
+    pair.corkable.write(b"too late")
     pair.inner.close()
-    pair.corked.write(b"too late")
-    await asyncio.sleep(0)
+    pair.corkable.uncork()
     assert pair.writes == []
     assert await pair.read_all() == b""
 
 
-async def test_empty_writes_schedule_nothing(pair: Pair) -> None:
-    pair.corked.write(b"")
-    await asyncio.sleep(0)
-    assert pair.writes == [] and pair.corked.get_write_buffer_size() == 0
+async def test_uvicorn_hands_the_cork_to_the_application() -> None:
+    seen: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        cork = scope["extensions"].get(CORK_EXTENSION)
+        seen.append(cork is not None)
+        await receive()
+        await send({"type": "websocket.accept"})
+        cork["cork"]()
+        for n in range(3):
+            await send({"type": "websocket.send", "text": f"frame {n}"})
+        cork["uncork"]()
+        await receive()
+
+    # A socket already listening: the client's connect waits in its backlog until uvicorn runs.
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    config = uvicorn.Config(app, ws=HubWebSocketProtocol, log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[listening]))
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
+            assert [await client.recv() for _ in range(3)] == ["frame 0", "frame 1", "frame 2"]
+        assert seen == [True]
+    finally:
+        server.should_exit = True
+        await serving
