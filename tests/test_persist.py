@@ -124,6 +124,36 @@ async def test_copies_within_one_batch(pool: asyncpg.Pool, tenant: str) -> None:
     await batcher.stop()
 
 
+async def test_new_punches_beside_resends_of_stored_ones(pool: asyncpg.Pool, tenant: str) -> None:
+    """A batch that inserts fewer rows than it has punches still accepts the new ones."""
+    batcher = PunchBatcher(pool, max_batch=16, wait_ms=50, concurrency=1)
+    batcher.start()
+    stored = request(tenant, uuid.uuid4())
+    first = await batcher.submit(stored)
+    assert first.status == "accepted"
+    resent = stored._replace(received_at=datetime.now(UTC))
+    fresh = [request(tenant, uuid.uuid4()) for _ in range(2)]
+    outcomes = await asyncio.gather(
+        *(
+            batcher.submit(r)
+            for r in (fresh[0], resent, fresh[1], resent._replace(kind="out"), fresh[0])
+        )
+    )
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("accepted", None),
+        ("duplicate", None),
+        ("accepted", None),
+        ("rejected", "id_conflict"),
+        ("duplicate", None),
+    ]
+    assert outcomes[1].received_at == stored.received_at
+    assert outcomes[0].received_at == outcomes[4].received_at == fresh[0].received_at
+    async with pool.acquire() as conn:
+        count = await conn.fetchval("SELECT count(*) FROM punches WHERE tenant = $1", tenant)
+    assert count == 3
+    await batcher.stop()
+
+
 async def test_unknown_and_forbidden_are_not_stored(pool: asyncpg.Pool, tenant: str) -> None:
     batcher = PunchBatcher(pool, max_batch=16, wait_ms=20, concurrency=1)
     batcher.start()

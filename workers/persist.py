@@ -1,7 +1,7 @@
 """The persistence worker: commits punches in batches, then answers each one.
 
 Punches are collected until the batch is full or a few milliseconds have
-passed, then resolved, inserted and committed in one transaction with one
+passed, then resolved, inserted and committed in one statement with one
 multi-row ``INSERT ... ON CONFLICT``. Each punch is answered only
 after the commit returned, which is what makes an ``accepted`` ack durable.
 There is no per-punch round trip to the database.
@@ -113,11 +113,10 @@ SELECT resolved, resolved_site, (SELECT count(*) FROM inserted) AS inserted
 """
 
 # The stored rows behind the ids of a batch that inserted fewer rows than it had punches to
-# insert, and whether this transaction inserted each. A new statement, so it also sees rows
-# that other transactions committed while the insert waited on them.
+# insert. A new statement, so it also sees rows that other transactions committed while the
+# insert waited on them.
 _STORED_SQL: Final = """
-SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at,
-       p.xmin = pg_current_xact_id()::xid AS ours
+SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at
   FROM unnest($1::text[], $2::uuid[]) AS q(tenant, id)
   JOIN punches p ON p.tenant = q.tenant AND p.id = q.id
 """
@@ -279,7 +278,10 @@ class PunchBatcher:
         outcomes: list[PunchOutcome] = []
         # Indexes of the punches that resolved to an employee they may punch for.
         eligible: list[int] = []
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire() as conn:
+            # One statement outside a transaction block is its own transaction, committed at
+            # the protocol's Sync; asyncpg hands back the rows only at the ReadyForQuery that
+            # follows the commit. So no BEGIN and COMMIT round trips, and no ack before commit.
             rows = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
             for index, (pending, row) in enumerate(zip(batch, rows, strict=True)):
                 request = pending.request
@@ -313,19 +315,29 @@ class PunchBatcher:
         found = await conn.fetch(
             _STORED_SQL, [r.tenant for r in requests], [r.id for r in requests]
         )
-        stored = {(row["tenant"], row["id"]): row for row in found}
+        stored = {
+            (row["tenant"], row["id"]): _Stored(
+                row["employee"], row["kind"], row["at"], row["received_at"]
+            )
+            for row in found
+        }
         seen: set[tuple[str, uuid.UUID]] = set()
         for i, request in zip(eligible, requests, strict=True):
             key = (request.tenant, request.id)
             # A row holds every eligible id: this batch inserted it, or ON CONFLICT found it.
-            row = stored[key]
-            if row["ours"] and key not in seen:
-                # The first copy in the batch is the one inserted; its outcome stands.
-                seen.add(key)
-                continue
+            previous = stored[key]
+            employee = rows[i]["resolved"]
+            first = key not in seen
             seen.add(key)
-            previous = _Stored(row["employee"], row["kind"], row["at"], row["received_at"])
-            outcomes[i] = previous.answer(rows[i]["resolved"], request, rows[i]["resolved_site"])
+            if (
+                first
+                and previous.received_at == request.received_at
+                and previous.same(employee, request)
+            ):
+                # The row is this copy's: every copy has its own receipt time to the
+                # microsecond. Its `accepted` stands.
+                continue
+            outcomes[i] = previous.answer(employee, request, rows[i]["resolved_site"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,13 +347,16 @@ class _Stored:
     at: datetime
     received_at: datetime
 
-    def answer(self, employee: str, request: PunchRequest, site: str | None) -> PunchOutcome:
-        """A later copy of a stored id: the same punch again, or a different one under its id."""
-        if (
+    def same(self, employee: str, request: PunchRequest) -> bool:
+        return (
             self.employee == employee
             and self.kind == request.kind
             and self.at.astimezone(UTC) == request.at.astimezone(UTC)
-        ):
+        )
+
+    def answer(self, employee: str, request: PunchRequest, site: str | None) -> PunchOutcome:
+        """A later copy of a stored id: the same punch again, or a different one under its id."""
+        if self.same(employee, request):
             # A duplicate reports when the stored punch was first received.
             return PunchOutcome("duplicate", self.received_at, None, employee, site)
         return PunchOutcome("rejected", request.received_at, "id_conflict", employee, site)
