@@ -65,7 +65,7 @@ class Settings:
             secret=env.get("ATTENDANCE_SECRET") or None,
             data_dir=Path(env.get("ATTENDANCE_DATA_DIR") or ".attendance"),
             batch_max=_int(env, "ATTENDANCE_BATCH_MAX", 512, minimum=1),
-            batch_wait_ms=_int(env, "ATTENDANCE_BATCH_WAIT_MS", 2),
+            batch_wait_ms=_int(env, "ATTENDANCE_BATCH_WAIT_MS", 1),
             batch_concurrency=_int(env, "ATTENDANCE_BATCH_CONCURRENCY", 3, minimum=1),
             heartbeat_s=_int(env, "ATTENDANCE_HEARTBEAT_S", 30, minimum=1),
             hello_timeout_s=_int(env, "ATTENDANCE_HELLO_TIMEOUT_S", 10, minimum=1),

@@ -29,11 +29,6 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 8) -> asyn
         max_size=max_size,
         init=init_connection,
         command_timeout=30,
-        # asyncpg prepares every statement, and after five runs PostgreSQL may switch to a
-        # generic plan built without the batch's real size; for the punch batch statement
-        # one such plan doubled PostgreSQL's CPU per punch for the life of the connection.
-        # Planning each execution costs far less than that.
-        server_settings={"plan_cache_mode": "force_custom_plan"},
     )
     assert pool is not None
     return pool

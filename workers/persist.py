@@ -81,20 +81,23 @@ class _Pending(NamedTuple):
 
 
 # One statement per batch: resolve each punch's employee (by id or badge) and insert the
-# first copy of each new id. It returns one row per input punch, in order: its resolved
+# first copy of each new id. The lookup is LATERAL so that it can only be an index probe per
+# punch: as a plain join the planner hashed all of `employees` for every batch, and its plan
+# depended on the estimated batch size. It returns one row per input punch, in order: its resolved
 # employee and site, and (the same on every row) how many punches were inserted.
 _COMMIT_SQL: Final = """
 WITH input AS (
-    SELECT i.*,
-           COALESCE(by_id.id, by_badge.id) AS resolved,
-           COALESCE(i.site, by_id.site, by_badge.site) AS resolved_site
+    SELECT i.*, e.id AS resolved, COALESCE(i.site, e.site) AS resolved_site
       FROM unnest($1::punch_input[]) WITH ORDINALITY AS i
-      LEFT JOIN employees by_id
-             ON i.employee IS NOT NULL AND by_id.tenant = i.tenant
-            AND by_id.id = i.employee AND by_id.erased_at IS NULL
-      LEFT JOIN employees by_badge
-             ON i.employee IS NULL AND by_badge.tenant = i.tenant
-            AND by_badge.badge = i.badge AND by_badge.erased_at IS NULL
+      LEFT JOIN LATERAL (
+            SELECT by_id.id, by_id.site FROM employees by_id
+             WHERE i.employee IS NOT NULL AND by_id.tenant = i.tenant
+               AND by_id.id = i.employee AND by_id.erased_at IS NULL
+             UNION ALL
+            SELECT by_badge.id, by_badge.site FROM employees by_badge
+             WHERE i.employee IS NULL AND by_badge.tenant = i.tenant
+               AND by_badge.badge = i.badge AND by_badge.erased_at IS NULL
+      ) e ON true
 ), inserted AS (
     INSERT INTO punches (tenant, id, employee, kind, at, received_at, site, device, method,
                          lat, lon, accuracy_m, offline, seq, source, reason, actor)
@@ -146,7 +149,7 @@ class PunchBatcher:
         pool: asyncpg.Pool,
         *,
         max_batch: int = 512,
-        wait_ms: int = 2,
+        wait_ms: int = 1,
         concurrency: int = 3,
     ) -> None:
         self._pool = pool
