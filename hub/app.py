@@ -53,11 +53,16 @@ class Hub:
         return self._batcher
 
     async def start(self) -> None:
+        # Migrate as the connecting role, before the pool's connections take the
+        # application role that the migrations create.
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
         self._pool = await store.create_pool(
             self.dsn, min_size=2, max_size=self.settings.db_pool_size
         )
-        async with self._pool.acquire() as conn:
-            await migrate(conn)
         self._batcher = PunchBatcher(
             self._pool,
             max_batch=self.settings.batch_max,

@@ -196,7 +196,7 @@ class Api:
             values.setdefault(key, None)
         if (values["lat"] is None) != (values["lon"] is None):
             raise ApiError(400, "give both `lat` and `lon`, or neither")
-        async with self.hub.pool.acquire() as conn, conn.transaction():
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             before = await store.get_row(
                 conn, "sites", store.SITE_COLUMNS, claims.tenant, site, lock=True
             )
@@ -210,7 +210,7 @@ class Api:
         site = self.path_id(request, "site")
         if not claims.sees_site(site):
             raise ApiError(403, f"this token does not cover site {site!r}")
-        async with self.hub.pool.acquire() as conn:
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             row = await store.get_row(conn, "sites", store.SITE_COLUMNS, claims.tenant, site)
         if row is None:
             raise ApiError(404, f"no site {site!r}")
@@ -218,7 +218,7 @@ class Api:
 
     async def list_sites(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
-        async with self.hub.pool.acquire() as conn:
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             rows = await store.list_rows(conn, "sites", store.SITE_COLUMNS, claims.tenant)
         return json_response({"sites": [r for r in rows if claims.sees_site(r["id"])]})
 
@@ -256,7 +256,7 @@ class Api:
 
         A badge or serial number that another row holds is a 409.
         """
-        async with self.hub.pool.acquire() as conn, conn.transaction():
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             if await store.get_row(conn, "sites", "id", claims.tenant, site) is None:
                 raise ApiError(400, f"no site {site!r}; create it first", "unknown_site")
             before = await store.get_row(conn, table, columns, claims.tenant, entity, lock=True)
@@ -276,7 +276,7 @@ class Api:
     async def get_employee(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
         employee = self.path_id(request, "employee")
-        async with self.hub.pool.acquire() as conn:
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             row = await store.get_row(
                 conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee
             )
@@ -286,7 +286,7 @@ class Api:
 
     async def list_employees(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
-        async with self.hub.pool.acquire() as conn:
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             rows = await store.list_rows(
                 conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, "AND erased_at IS NULL"
             )
@@ -319,7 +319,7 @@ class Api:
 
     async def list_devices(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
-        async with self.hub.pool.acquire() as conn:
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             rows = await store.list_rows(conn, "devices", store.DEVICE_COLUMNS, claims.tenant)
         return json_response({"devices": [r for r in rows if claims.sees_site(r["site"])]})
 
@@ -331,7 +331,7 @@ class Api:
         if body.role not in ROLES:
             raise ApiError(400, f"role must be one of {', '.join(ROLES)}")
         site = None
-        async with self.hub.pool.acquire() as conn:
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             if body.role == "terminal":
                 device = await store.get_row(conn, "devices", "id, site", claims.tenant, body.sub)
                 if device is None:
@@ -395,7 +395,7 @@ class Api:
         start = _time_param(query.get("from"), "from")
         end = _time_param(query.get("to"), "to")
         after = _decode_cursor(query["after"]) if "after" in query else None
-        async with self.hub.pool.acquire() as conn:
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             rows = await store.list_punches(
                 conn,
                 claims.tenant,

@@ -6,12 +6,18 @@ The punch path has its own batched SQL in workers/persist.py.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
 
 from hub.types import Conn
+
+# The role the hub's pool acts as (migration 0004): no superuser, owns nothing, so the
+# row-level security policies apply to everything it reads and writes.
+APP_ROLE: Final = "attendance_app"
 
 SITE_COLUMNS: Final = "id, name, timezone, lat, lon, radius_m, policy"
 EMPLOYEE_COLUMNS: Final = "id, name, site, badge"
@@ -23,15 +29,37 @@ async def init_connection(conn: Conn) -> None:
 
 
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 8) -> asyncpg.Pool:
+    """The hub's pool. Its connections act as ``APP_ROLE``, under row-level security.
+
+    The role is set in the startup packet, so it is also the value ``RESET ALL``
+    restores when the pool recycles a connection. Run migrations first (as the
+    connecting role): they create ``APP_ROLE``.
+    """
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         init=init_connection,
         command_timeout=30,
+        server_settings={"role": APP_ROLE},
     )
     assert pool is not None
     return pool
+
+
+@asynccontextmanager
+async def tenant_transaction(pool: asyncpg.Pool, tenant: str) -> AsyncIterator[Conn]:
+    """A pooled connection in a transaction that can see and write only ``tenant``'s rows."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT set_config('attendance.tenants', $1, true)", tenant)
+        yield conn
+
+
+async def act_for_tenants(conn: Conn, tenants: Iterable[str]) -> None:
+    """Let this session, until the pool resets it, see and write only these tenants' rows."""
+    await conn.execute(
+        "SELECT set_config('attendance.tenants', $1, false)", ",".join(sorted(set(tenants)))
+    )
 
 
 async def ensure_tenant(conn: Conn, slug: str, name: str, timezone: str) -> bool:

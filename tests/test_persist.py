@@ -18,33 +18,40 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+async def owner(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as the database's owner: migrations, set-up, and looking behind RLS."""
+    conn = await asyncpg.connect(database)
+    await store.init_connection(conn)
+    await migrate(conn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def pool(owner: asyncpg.Connection, database: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await store.create_pool(database, max_size=4)
-    async with pool.acquire() as conn:
-        await migrate(conn)
     yield pool
     await pool.close()
 
 
 @pytest.fixture
-async def tenant(pool: asyncpg.Pool) -> str:
+async def tenant(owner: asyncpg.Connection) -> str:
     slug = f"p-{uuid.uuid4().hex[:10]}"
-    async with pool.acquire() as conn:
-        await store.ensure_tenant(conn, slug, slug, "UTC")
-        await store.upsert_site(
-            conn,
-            slug,
-            "hq",
-            {
-                "name": "HQ",
-                "timezone": "UTC",
-                "lat": None,
-                "lon": None,
-                "radius_m": None,
-                "policy": {},
-            },
-        )
-        await store.upsert_employee(conn, slug, "e1", {"name": "One", "site": "hq", "badge": "b1"})
+    await store.ensure_tenant(owner, slug, slug, "UTC")
+    await store.upsert_site(
+        owner,
+        slug,
+        "hq",
+        {
+            "name": "HQ",
+            "timezone": "UTC",
+            "lat": None,
+            "lon": None,
+            "radius_m": None,
+            "policy": {},
+        },
+    )
+    await store.upsert_employee(owner, slug, "e1", {"name": "One", "site": "hq", "badge": "b1"})
     return slug
 
 
@@ -66,13 +73,13 @@ def request(tenant: str, punch_id: uuid.UUID, **fields: object) -> PunchRequest:
 
 
 async def test_an_id_committed_by_another_transaction_mid_batch_is_a_duplicate(
-    pool: asyncpg.Pool, tenant: str
+    pool: asyncpg.Pool, tenant: str, owner: asyncpg.Connection, database: str
 ) -> None:
     """The batch's statement cannot see a row committed after it began; it must look again."""
     batcher = PunchBatcher(pool, max_batch=8, wait_ms=0, concurrency=1)
     batcher.start()
     punch = request(tenant, uuid.uuid4())
-    blocker = await pool.acquire()
+    blocker = await asyncpg.connect(database)
     transaction = blocker.transaction()
     await transaction.start()
     await blocker.execute(
@@ -86,7 +93,7 @@ async def test_an_id_committed_by_another_transaction_mid_batch_is_a_duplicate(
     submitted = asyncio.ensure_future(batcher.submit(punch))
     # Wait until the batch's INSERT is blocked on the uncommitted row, then let it go.
     for _ in range(200):
-        waiting = await pool.fetchval(
+        waiting = await owner.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND datname = current_database()"
         )
@@ -95,14 +102,16 @@ async def test_an_id_committed_by_another_transaction_mid_batch_is_a_duplicate(
         await asyncio.sleep(0.01)
     assert waiting, "the batch never blocked on the conflicting insert"
     await transaction.commit()
-    await pool.release(blocker)
+    await blocker.close()
     outcome = await asyncio.wait_for(submitted, 10)
     assert outcome.status == "duplicate"
     assert outcome.received_at == punch.received_at - timedelta(seconds=1)
     await batcher.stop()
 
 
-async def test_copies_within_one_batch(pool: asyncpg.Pool, tenant: str) -> None:
+async def test_copies_within_one_batch(
+    pool: asyncpg.Pool, tenant: str, owner: asyncpg.Connection
+) -> None:
     batcher = PunchBatcher(pool, max_batch=16, wait_ms=50, concurrency=1)
     batcher.start()
     punch_id = uuid.uuid4()
@@ -118,13 +127,14 @@ async def test_copies_within_one_batch(pool: asyncpg.Pool, tenant: str) -> None:
         ("rejected", "id_conflict"),
     ]
     assert {o.received_at for o in outcomes[:3]} == {first.received_at}
-    async with pool.acquire() as conn:
-        count = await conn.fetchval("SELECT count(*) FROM punches WHERE tenant = $1", tenant)
+    count = await owner.fetchval("SELECT count(*) FROM punches WHERE tenant = $1", tenant)
     assert count == 1
     await batcher.stop()
 
 
-async def test_new_punches_beside_resends_of_stored_ones(pool: asyncpg.Pool, tenant: str) -> None:
+async def test_new_punches_beside_resends_of_stored_ones(
+    pool: asyncpg.Pool, tenant: str, owner: asyncpg.Connection
+) -> None:
     """A batch that inserts fewer rows than it has punches still accepts the new ones."""
     batcher = PunchBatcher(pool, max_batch=16, wait_ms=50, concurrency=1)
     batcher.start()
@@ -148,13 +158,14 @@ async def test_new_punches_beside_resends_of_stored_ones(pool: asyncpg.Pool, ten
     ]
     assert outcomes[1].received_at == stored.received_at
     assert outcomes[0].received_at == outcomes[4].received_at == fresh[0].received_at
-    async with pool.acquire() as conn:
-        count = await conn.fetchval("SELECT count(*) FROM punches WHERE tenant = $1", tenant)
+    count = await owner.fetchval("SELECT count(*) FROM punches WHERE tenant = $1", tenant)
     assert count == 3
     await batcher.stop()
 
 
-async def test_unknown_and_forbidden_are_not_stored(pool: asyncpg.Pool, tenant: str) -> None:
+async def test_unknown_and_forbidden_are_not_stored(
+    pool: asyncpg.Pool, tenant: str, owner: asyncpg.Connection
+) -> None:
     batcher = PunchBatcher(pool, max_batch=16, wait_ms=20, concurrency=1)
     batcher.start()
     unknown = request(tenant, uuid.uuid4(), employee="ghost")
@@ -171,10 +182,7 @@ async def test_unknown_and_forbidden_are_not_stored(pool: asyncpg.Pool, tenant: 
         ("accepted", None),
     ]
     assert outcomes[3].site == "hq"  # no terminal site: the employee's home site
-    async with pool.acquire() as conn:
-        ids = {
-            r["id"] for r in await conn.fetch("SELECT id FROM punches WHERE tenant = $1", tenant)
-        }
+    ids = {r["id"] for r in await owner.fetch("SELECT id FROM punches WHERE tenant = $1", tenant)}
     assert ids == {own.id}
     await batcher.stop()
 

@@ -24,6 +24,7 @@ import asyncpg
 import msgspec
 
 from hub import metrics
+from hub.store import act_for_tenants
 from hub.types import Conn
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,10 @@ class PunchBatcher:
         # Indexes of the punches that resolved to an employee they may punch for.
         eligible: list[int] = []
         async with self._pool.acquire() as conn:
+            # Row-level security lets this session touch only the batch's tenants. Set for
+            # the session, not a transaction, so that the batch statement needs no
+            # transaction block; the pool's reset clears it on release.
+            await act_for_tenants(conn, {pending.request.tenant for pending in batch})
             # One statement outside a transaction block is its own transaction, committed at
             # the protocol's Sync; asyncpg hands back the rows only at the ReadyForQuery that
             # follows the commit. So no BEGIN and COMMIT round trips, and no ack before commit.
