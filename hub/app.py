@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -18,11 +19,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import metrics, store
+from hub import protocol as p
+from hub.auth import Authenticator, DeviceRegistry
 from hub.config import Settings
 from hub.migrate import migrate
 from hub.protocol import SUBPROTOCOLS, Codec
 from hub.rest import Api, ApiError, error_response
-from hub.tokens import TokenIssuer
+from hub.session import CLOSE_BAD_TOKEN
+from hub.tokens import TokenError, TokenIssuer
 from hub.ws import Connection, websocket_endpoint
 from workers.persist import PunchBatcher
 
@@ -35,11 +39,17 @@ class Hub:
     def __init__(self, settings: Settings, dsn: str, secret: str) -> None:
         self.settings = settings
         self.dsn = dsn
-        self.tokens = TokenIssuer(secret)
+        self.tokens = TokenIssuer(secret, settings.secret_previous)
+        self.devices = DeviceRegistry(self._retire_device)
+        self.auth = Authenticator(self.tokens, self.devices)
         self.codecs = {name: Codec(name) for name in SUBPROTOCOLS}
         self.connections: set[Connection] = set()
         self.draining = False
         self._pool: asyncpg.Pool | None = None
+        # As the DSN's user, not the application role: for work across tenants that no
+        # request asks for, such as following device revocations.
+        self._system_pool: asyncpg.Pool | None = None
+        self._following: asyncio.Task[None] | None = None
         self._batcher: PunchBatcher | None = None
 
     @property
@@ -55,13 +65,19 @@ class Hub:
     async def start(self) -> None:
         # Migrate as the connecting role, before the pool's connections take the
         # application role that the migrations create.
-        conn = await asyncpg.connect(self.dsn)
+        owner = await asyncpg.connect(self.dsn)
         try:
-            await migrate(conn)
+            await migrate(owner)
         finally:
-            await conn.close()
+            await owner.close()
         self._pool = await store.create_pool(
             self.dsn, min_size=2, max_size=self.settings.db_pool_size
+        )
+        self._system_pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
+        async with self._system_pool.acquire() as conn:
+            await self.devices.refresh(conn)
+        self._following = asyncio.create_task(
+            self.devices.follow(self._system_pool), name="device-revocations"
         )
         self._batcher = PunchBatcher(
             self._pool,
@@ -80,10 +96,31 @@ class Hub:
         await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
 
     async def stop(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
         if self._batcher is not None:
             await self._batcher.stop()
-        if self._pool is not None:
-            await self._pool.close()
+        for pool in (self._pool, self._system_pool):
+            if pool is not None:
+                await pool.close()
+
+    def _retire_device(self, tenant: str, device: str, version: int) -> None:
+        """Close the sockets of a device whose tokens were just revoked or replaced."""
+        for connection in list(self.connections):
+            claims = connection.session.claims
+            if claims is None or (claims.tenant, claims.role, claims.sub) != (
+                tenant,
+                "terminal",
+                device,
+            ):
+                continue
+            try:
+                self.auth.check(claims)
+            except TokenError as exc:
+                connection.send(p.Error(code="token_revoked", message=str(exc)))
+                connection.close(CLOSE_BAD_TOKEN, "token_revoked")
 
     async def readiness_problems(self) -> list[str]:
         try:
@@ -142,6 +179,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/employees/{employee}", api.get_employee, methods=["GET"]),
         Route("/v1/devices", api.list_devices, methods=["GET"]),
         Route("/v1/devices/{device}", api.put_device, methods=["PUT"]),
+        Route("/v1/devices/{device}", api.delete_device, methods=["DELETE"]),
         Route("/v1/tokens", api.post_token, methods=["POST"]),
         Route("/v1/punches", api.list_punches, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),

@@ -31,6 +31,8 @@ class Settings:
     host: str
     port: int
     secret: str | None
+    # Older signing keys still accepted for verification during a key rotation.
+    secret_previous: tuple[str, ...]
     data_dir: Path
     batch_max: int
     batch_wait_ms: int
@@ -63,6 +65,7 @@ class Settings:
             host=env.get("ATTENDANCE_HOST") or "127.0.0.1",
             port=_int(env, "ATTENDANCE_PORT", 8080),
             secret=env.get("ATTENDANCE_SECRET") or None,
+            secret_previous=_keys(env, "ATTENDANCE_SECRET_PREVIOUS"),
             data_dir=Path(env.get("ATTENDANCE_DATA_DIR") or ".attendance"),
             batch_max=_int(env, "ATTENDANCE_BATCH_MAX", 512, minimum=1),
             batch_wait_ms=_int(env, "ATTENDANCE_BATCH_WAIT_MS", 1),
@@ -74,3 +77,10 @@ class Settings:
             send_queue_frames=_int(env, "ATTENDANCE_SEND_QUEUE_FRAMES", 1024, minimum=16),
             db_pool_size=_int(env, "ATTENDANCE_DB_POOL_SIZE", 8, minimum=2),
         )
+
+
+def _keys(env: dict[str, str], name: str) -> tuple[str, ...]:
+    keys = tuple(key.strip() for key in (env.get(name) or "").split(",") if key.strip())
+    if any(len(key) < 32 for key in keys):
+        raise ConfigError(f"{name}: every key must be at least 32 characters")
+    return keys

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from hub import store
+from hub.auth import DeviceState
 from hub.protocol import EntityId, format_time
 from hub.tokens import ROLES, Claims, Role, TokenError
 from hub.types import Conn
@@ -127,7 +128,7 @@ class Api:
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "send `Authorization: Bearer <token>`")
         try:
-            claims = self.hub.tokens.verify(token.strip())
+            claims = self.hub.auth.verify(token.strip())
         except TokenError as exc:
             raise ApiError(401, str(exc)) from None
         if roles and claims.role not in roles:
@@ -308,14 +309,38 @@ class Api:
             values,
             f"serial number {body.adms_sn!r} is already registered",
         )
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            version = await store.device_token_version(conn, claims.tenant, device)
+        assert version is not None
+        # Registering a revoked device again re-activates it with its new token version.
+        self.hub.devices.apply(claims.tenant, device, DeviceState(version, revoked=False))
         token, _ = self.hub.tokens.issue(
             tenant=claims.tenant,
             role="terminal",
             sub=device,
             site=body.site,
             ttl_s=DEVICE_TOKEN_TTL_S,
+            version=version,
         )
         return json_response({"device": device, "token": token}, 201 if created else 200)
+
+    async def delete_device(self, request: Request) -> Response:
+        """Revoke a device: its tokens stop working and its sockets are closed (4001)."""
+        claims = self.claims(request, "admin")
+        device = self.path_id(request, "device")
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            before = await store.get_row(
+                conn, "devices", store.DEVICE_COLUMNS, claims.tenant, device, lock=True
+            )
+            if before is None:
+                raise ApiError(404, f"no device {device!r}")
+            version = await store.revoke_device(conn, claims.tenant, device)
+            assert version is not None
+            await self.audit(
+                conn, request, claims, "device.revoke", f"device:{device}", before, None
+            )
+        self.hub.devices.apply(claims.tenant, device, DeviceState(version, revoked=True))
+        return json_response({"device": device, "revoked": True})
 
     async def list_devices(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
@@ -331,14 +356,22 @@ class Api:
         if body.role not in ROLES:
             raise ApiError(400, f"role must be one of {', '.join(ROLES)}")
         site = None
+        version = None
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             if body.role == "terminal":
-                device = await store.get_row(conn, "devices", "id, site", claims.tenant, body.sub)
+                device = await store.get_row(
+                    conn, "devices", "id, site, token_version, revoked_at", claims.tenant, body.sub
+                )
                 if device is None:
                     raise ApiError(
                         400, f"no device {body.sub!r}; a terminal's `sub` is its device id"
                     )
+                if device["revoked_at"] is not None:
+                    raise ApiError(
+                        409, f"device {body.sub!r} is revoked; register it again with PUT"
+                    )
                 site = device["site"]
+                version = device["token_version"]
             if body.role == "employee":
                 employee = body.employee or body.sub
                 row = await store.get_row(conn, "employees", "id", claims.tenant, employee)
@@ -368,6 +401,7 @@ class Api:
             site=site,
             sites=(body.sites or []) if body.role == "supervisor" else None,
             employee=(body.employee or body.sub) if body.role == "employee" else None,
+            version=version,
         )
         expires_at = format_time(datetime.fromtimestamp(exp, UTC))
         return json_response({"token": token, "expires_at": expires_at}, 201)

@@ -16,7 +16,8 @@ from typing import Final
 import msgspec
 
 from hub import protocol as p
-from hub.tokens import Claims, TokenError, TokenIssuer
+from hub.auth import Authenticator
+from hub.tokens import Claims, TokenError
 from workers.persist import PunchRequest, Source
 
 FUTURE_TOLERANCE: Final = timedelta(minutes=5)
@@ -71,7 +72,7 @@ Action = Send | SubmitPunch | Close
 
 
 class Session:
-    def __init__(self, tokens: TokenIssuer, *, heartbeat_s: int) -> None:
+    def __init__(self, tokens: Authenticator, *, heartbeat_s: int) -> None:
         self.id = uuid.uuid4().hex
         self.state = SessionState.AWAITING_HELLO
         self.claims: Claims | None = None
@@ -95,6 +96,10 @@ class Session:
         assert claims is not None
         if claims.exp <= now.timestamp():
             return self._close(CLOSE_BAD_TOKEN, "token_expired", "the token has expired", None)
+        try:
+            self._tokens.check(claims)
+        except TokenError as exc:
+            return self._close(CLOSE_BAD_TOKEN, "token_revoked", str(exc), frame.ref)
         match frame:
             case p.Punch():
                 return self._punch(frame, claims, now)

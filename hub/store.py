@@ -144,13 +144,33 @@ async def upsert_device(conn: Conn, tenant: str, device: str, body: dict[str, An
         """INSERT INTO devices (tenant, id, site, name, adms_sn) VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (tenant, id) DO UPDATE SET
              site = EXCLUDED.site, name = EXCLUDED.name, adms_sn = EXCLUDED.adms_sn,
-             updated_at = now()""",
+             revoked_at = NULL, updated_at = now()""",
         tenant,
         device,
         body["site"],
         body["name"],
         body["adms_sn"],
     )
+
+
+async def device_token_version(conn: Conn, tenant: str, device: str) -> int | None:
+    version: int | None = await conn.fetchval(
+        "SELECT token_version FROM devices WHERE tenant = $1 AND id = $2", tenant, device
+    )
+    return version
+
+
+async def revoke_device(conn: Conn, tenant: str, device: str) -> int | None:
+    """Retire every token of the device; return its new token version (None: no device)."""
+    version: int | None = await conn.fetchval(
+        """UPDATE devices SET token_version = token_version + 1, revoked_at = now(),
+                  updated_at = now()
+            WHERE tenant = $1 AND id = $2
+        RETURNING token_version""",
+        tenant,
+        device,
+    )
+    return version
 
 
 async def record_audit(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -30,6 +32,8 @@ class Claims:
     site: str | None = None
     sites: tuple[str, ...] = ()
     employee: str | None = None
+    # A terminal's device token version; tokens from before versions count as 1.
+    version: int = 1
 
     def sees_site(self, site: str) -> bool:
         if self.role == "admin":
@@ -39,11 +43,27 @@ class Claims:
         return self.role == "terminal" and self.site == site
 
 
+def key_id(secret: str) -> str:
+    """A short public name for a signing key, carried as the token header's `kid`."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
 class TokenIssuer:
-    def __init__(self, secret: str) -> None:
-        if len(secret) < 32:
-            raise ValueError("the token signing secret must be at least 32 characters")
+    """Signs with ``secret``; verifies with it and with each key in ``previous``.
+
+    During a key rotation the new key signs while tokens signed with the old
+    ones keep working until they expire or the old key is dropped. Each token
+    names its key in the header (`kid`); one without a `kid` is tried against
+    every accepted key.
+    """
+
+    def __init__(self, secret: str, previous: Sequence[str] = ()) -> None:
+        for key in (secret, *previous):
+            if len(key) < 32:
+                raise ValueError("every token signing secret must be at least 32 characters")
         self._secret = secret
+        self._kid = key_id(secret)
+        self._keys = {key_id(key): key for key in (*previous, secret)}
 
     def issue(
         self,
@@ -55,8 +75,13 @@ class TokenIssuer:
         site: str | None = None,
         sites: list[str] | None = None,
         employee: str | None = None,
+        version: int | None = None,
     ) -> tuple[str, int]:
-        """Return the token and its expiry (seconds since the epoch)."""
+        """Return the token and its expiry (seconds since the epoch).
+
+        ``version`` is a terminal's device token version (`ver`): revoking the
+        device raises it, which retires every token issued before.
+        """
         exp = int(time.time()) + ttl_s
         payload: dict[str, Any] = {"tenant": tenant, "role": role, "sub": sub, "exp": exp}
         if site is not None:
@@ -65,21 +90,38 @@ class TokenIssuer:
             payload["sites"] = sites
         if employee is not None:
             payload["employee"] = employee
-        return jwt.encode(payload, self._secret, algorithm=ALGORITHM), exp
+        if version is not None:
+            payload["ver"] = version
+        token = jwt.encode(payload, self._secret, algorithm=ALGORITHM, headers={"kid": self._kid})
+        return token, exp
 
     def verify(self, token: str) -> Claims:
         try:
-            payload = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                options={"require": ["exp", "tenant", "role", "sub"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise TokenError("the token has expired") from None
+            kid = jwt.get_unverified_header(token).get("kid")
         except jwt.InvalidTokenError as exc:
             raise TokenError(f"the token is not valid: {exc}") from None
-        return _claims_from(payload)
+        if kid is None:
+            keys = list(self._keys.values())
+        elif isinstance(kid, str) and kid in self._keys:
+            keys = [self._keys[kid]]
+        else:
+            raise TokenError("the token is signed with a key this hub does not accept")
+        for key in keys:
+            try:
+                payload = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[ALGORITHM],
+                    options={"require": ["exp", "tenant", "role", "sub"]},
+                )
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.ExpiredSignatureError:
+                raise TokenError("the token has expired") from None
+            except jwt.InvalidTokenError as exc:
+                raise TokenError(f"the token is not valid: {exc}") from None
+            return _claims_from(payload)
+        raise TokenError("the token is not valid: Signature verification failed")
 
 
 def _claims_from(payload: dict[str, Any]) -> Claims:
@@ -98,6 +140,9 @@ def _claims_from(payload: dict[str, Any]) -> Claims:
         raise TokenError("an employee token needs an `employee`")
     if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
         raise TokenError("`sites` must be a list of site ids")
+    version = payload.get("ver", 1)
+    if type(version) is not int or version < 1:
+        raise TokenError("`ver` must be a positive integer")
     return Claims(
         tenant=tenant,
         role=cast(Role, role),
@@ -106,6 +151,7 @@ def _claims_from(payload: dict[str, Any]) -> Claims:
         site=site if isinstance(site, str) else None,
         sites=tuple(sites),
         employee=employee if isinstance(employee, str) else None,
+        version=version,
     )
 
 

@@ -63,7 +63,7 @@ class Connection:
         self._cork = cork["cork"] if cork else _nothing
         self._uncork = cork["uncork"] if cork else _nothing
         self.codec = codec
-        self.session = Session(hub.tokens, heartbeat_s=hub.settings.heartbeat_s)
+        self.session = Session(hub.auth, heartbeat_s=hub.settings.heartbeat_s)
         self._outbox: deque[bytes | tuple[int, str]] = deque()
         self._outbox_limit = hub.settings.send_queue_frames
         self._wake: asyncio.Future[None] | None = None

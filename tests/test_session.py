@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hub import protocol as p
+from hub.auth import Authenticator, DeviceRegistry, DeviceState
 from hub.session import (
     BAD_FRAME_LIMIT,
     BAD_FRAME_WINDOW,
@@ -31,6 +32,10 @@ from workers.persist import PunchRequest
 
 SECRET = "session-test-secret-" + "s" * 32
 ISSUER = TokenIssuer(SECRET)
+# Devices whose tokens were revoked, by (tenant, device), as the hub would learn of them.
+RETIRED: list[tuple[str, str, int]] = []
+DEVICES = DeviceRegistry(lambda tenant, device, version: RETIRED.append((tenant, device, version)))
+AUTH = Authenticator(ISSUER, DEVICES)
 TENANT = "acme"
 HEARTBEAT_S = 25
 PUNCH_ID = uuid.UUID("6f1c2a7e-8d1b-4f5e-9a1c-2b3c4d5e6f70")
@@ -53,7 +58,7 @@ def now() -> datetime:
 
 
 def opened(hello_token: str, at: datetime) -> Session:
-    session = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
     actions = session.receive(p.Hello(token=hello_token), at)
     assert [type(a) for a in actions] == [Send], actions
     assert isinstance(actions[0], Send) and isinstance(actions[0].frame, p.Welcome)
@@ -109,13 +114,13 @@ def rejected(
     ],
 )  # fmt: skip
 def test_the_first_frame_must_be_hello(first: p.ClientFrame) -> None:
-    session = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
     closing(session.receive(first, now()), "hello_required", CLOSE_HELLO_REQUIRED, "first")
     assert session.state is SessionState.CLOSED and session.claims is None
 
 
 def test_welcome_carries_session_time_heartbeat_and_identity() -> None:
-    session = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
     moment = datetime(2026, 1, 5, 8, 0, 0, 123_456, tzinfo=UTC)
     live = token("terminal", "door", site="hq", ttl_s=10**9)
     actions = session.receive(p.Hello(token=live, client="fw/2", ref="h"), moment)
@@ -133,7 +138,7 @@ def test_welcome_carries_session_time_heartbeat_and_identity() -> None:
         )
     ]
     assert session.claims is not None and session.claims.site == "hq"
-    assert Session(ISSUER, heartbeat_s=1).id != session.id
+    assert Session(AUTH, heartbeat_s=1).id != session.id
 
 
 @pytest.mark.parametrize(
@@ -148,13 +153,13 @@ def test_welcome_carries_session_time_heartbeat_and_identity() -> None:
     ],
 )
 def test_a_bad_token_is_refused_with_bad_token_and_close_4001(bad: str) -> None:
-    session = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
     closing(session.receive(p.Hello(token=bad, ref="h"), now()), "bad_token", CLOSE_BAD_TOKEN, "h")
     assert session.state is SessionState.CLOSED and session.claims is None
 
 
 def test_an_expired_token_is_refused_at_hello() -> None:
-    session = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
     actions = session.receive(p.Hello(token=token("admin", "ops", ttl_s=-5)), now())
     closing(actions, "bad_token", CLOSE_BAD_TOKEN)
     assert "expired" in actions[0].frame.message
@@ -384,7 +389,7 @@ def test_the_flood_limit_counts_only_the_window() -> None:
     after = start + BAD_FRAME_WINDOW + timedelta(milliseconds=1)
     assert len(session.bad_frame("bad", None, after)) == 1
     # ... but one more just inside the same window as the first burst would have closed.
-    inside = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+    inside = Session(AUTH, heartbeat_s=HEARTBEAT_S)
     for _ in range(BAD_FRAME_LIMIT):
         inside.bad_frame("bad", None, start)
     closing(inside.bad_frame("bad", None, start + BAD_FRAME_WINDOW), "rate_limited", CLOSE_FLOOD)
@@ -413,7 +418,7 @@ def test_good_frames_do_not_reset_the_flood_count() -> None:
 
 
 def test_a_closed_session_refuses_every_frame() -> None:
-    session = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
     session.receive(p.Ping(), now())
     with pytest.raises(IllegalTransition):
         session.receive(p.Hello(token=TERMINAL), now())
@@ -490,7 +495,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.session = Session(ISSUER, heartbeat_s=HEARTBEAT_S)
+        self.session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
         self.clock = START
         self.saw_welcome = False
 
@@ -565,3 +570,43 @@ class SessionMachine(RuleBasedStateMachine):
 
 SessionMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestSessionMachine = SessionMachine.TestCase
+
+
+# -- revoked devices ----------------------------------------------------------------------
+
+
+def test_a_revoked_device_is_closed_on_its_next_frame_and_cannot_say_hello_again() -> None:
+    device = f"door-{uuid.uuid4().hex[:6]}"
+    live = token("terminal", device, site="hq")
+    session = opened(live, now())
+    DEVICES.apply(TENANT, device, DeviceState(2, revoked=True))
+    assert RETIRED[-1] == (TENANT, device, 2)
+    closing(session.receive(p.Ping(ref="after"), now()), "token_revoked", CLOSE_BAD_TOKEN, "after")
+    fresh = Session(AUTH, heartbeat_s=HEARTBEAT_S)
+    closing(fresh.receive(p.Hello(token=live, ref="h"), now()), "bad_token", CLOSE_BAD_TOKEN, "h")
+
+
+def test_a_replaced_device_token_stops_working_and_the_new_one_works() -> None:
+    device = f"door-{uuid.uuid4().hex[:6]}"
+    old = token("terminal", device, site="hq")
+    DEVICES.apply(TENANT, device, DeviceState(3, revoked=False))
+    closing(
+        Session(AUTH, heartbeat_s=HEARTBEAT_S).receive(p.Hello(token=old), now()),
+        "bad_token",
+        CLOSE_BAD_TOKEN,
+    )
+    current = token("terminal", device, site="hq", version=3)
+    session = opened(current, now())
+    assert session.state is SessionState.OPEN
+    [pong] = session.receive(p.Ping(), now())
+    assert isinstance(pong, Send) and isinstance(pong.frame, p.Pong)
+
+
+def test_other_tenants_and_roles_are_untouched_by_a_revocation() -> None:
+    device = f"door-{uuid.uuid4().hex[:6]}"
+    DEVICES.apply("other-tenant", device, DeviceState(9, revoked=True))
+    session = opened(token("terminal", device, site="hq"), now())
+    employee = opened(token("employee", device, employee="e1"), now())
+    for open_session in (session, employee):
+        [pong] = open_session.receive(p.Ping(), now())
+        assert isinstance(pong, Send) and isinstance(pong.frame, p.Pong)

@@ -1,0 +1,72 @@
+"""Token signing and key rotation (hub/tokens.py)."""
+
+from __future__ import annotations
+
+import jwt
+import pytest
+
+from hub.tokens import TokenError, TokenIssuer, key_id
+
+OLD = "old-signing-key-" + "o" * 32
+NEW = "new-signing-key-" + "n" * 32
+OTHER = "someone-elses-key-" + "x" * 32
+
+
+def issue(issuer: TokenIssuer, **claims: object) -> str:
+    return issuer.issue(tenant="acme", role="admin", sub="root", **claims)[0]  # type: ignore[arg-type]
+
+
+def test_tokens_name_their_key() -> None:
+    token = issue(TokenIssuer(NEW))
+    assert jwt.get_unverified_header(token)["kid"] == key_id(NEW) != key_id(OLD)
+
+
+def test_during_a_rotation_both_keys_verify_and_only_the_new_one_signs() -> None:
+    before = issue(TokenIssuer(OLD))
+    rotating = TokenIssuer(NEW, previous=[OLD])
+    assert rotating.verify(before).sub == "root"
+    after = issue(rotating)
+    assert jwt.get_unverified_header(after)["kid"] == key_id(NEW)
+    assert TokenIssuer(NEW).verify(after).sub == "root"
+    # Once the old key is dropped, its tokens stop working.
+    with pytest.raises(TokenError, match="key this hub does not accept"):
+        TokenIssuer(NEW).verify(before)
+
+
+def test_a_token_without_kid_is_tried_against_every_accepted_key() -> None:
+    legacy = jwt.encode({"tenant": "acme", "role": "admin", "sub": "root", "exp": 2**40}, OLD)
+    assert TokenIssuer(NEW, previous=[OLD]).verify(legacy).tenant == "acme"
+    with pytest.raises(TokenError, match="Signature verification failed"):
+        TokenIssuer(NEW).verify(legacy)
+
+
+def test_a_forged_kid_does_not_help() -> None:
+    forged = jwt.encode(
+        {"tenant": "acme", "role": "admin", "sub": "root", "exp": 2**40},
+        OTHER,
+        headers={"kid": key_id(NEW)},
+    )
+    with pytest.raises(TokenError, match="not valid"):
+        TokenIssuer(NEW, previous=[OLD]).verify(forged)
+
+
+def test_every_key_must_be_long_enough() -> None:
+    with pytest.raises(ValueError, match="at least 32"):
+        TokenIssuer(NEW, previous=["short"])
+
+
+@pytest.mark.parametrize("version", [0, -1, "2", 1.5, True])
+def test_a_device_token_version_must_be_a_positive_integer(version: object) -> None:
+    token = jwt.encode(
+        {
+            "tenant": "acme",
+            "role": "terminal",
+            "sub": "d",
+            "site": "hq",
+            "exp": 2**40,
+            "ver": version,
+        },
+        NEW,
+    )
+    with pytest.raises(TokenError, match="`ver`"):
+        TokenIssuer(NEW).verify(token)
