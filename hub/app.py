@@ -182,6 +182,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/devices/{device}", api.delete_device, methods=["DELETE"]),
         Route("/v1/tokens", api.post_token, methods=["POST"]),
         Route("/v1/punches", api.list_punches, methods=["GET"]),
+        Route("/v1/punches", api.post_punch, methods=["POST"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

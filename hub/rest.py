@@ -17,9 +17,18 @@ from starlette.responses import Response
 
 from hub import store
 from hub.auth import DeviceState
-from hub.protocol import EntityId, format_time
+from hub.protocol import (
+    AwareTime,
+    Badge,
+    EntityId,
+    Geo,
+    PunchKind,
+    PunchMethod,
+    format_time,
+)
 from hub.tokens import ROLES, Claims, Role, TokenError
 from hub.types import Conn
+from workers.persist import FUTURE_TOLERANCE, PunchRequest, store_punches
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -104,6 +113,24 @@ class DeviceBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 SiteOrAll = Annotated[str, msgspec.Meta(pattern=r"^(\*|[A-Za-z0-9._-]{1,64})$")]
+
+
+class CorrectionBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A punch as on the socket, plus why it is entered by hand."""
+
+    id: uuid.UUID
+    kind: PunchKind
+    at: AwareTime
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+    type: Literal["punch"] | None = None
+    employee: EntityId | None = None
+    badge: Badge | None = None
+    # Where the punch counts; the employee's home site when not given.
+    site: EntityId | None = None
+    method: PunchMethod | None = None
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    geo: Geo | None = None
+    offline: bool = False
 
 
 class TokenBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -407,6 +434,78 @@ class Api:
         return json_response({"token": token, "expires_at": expires_at}, 201)
 
     # -- punches --------------------------------------------------------------
+
+    async def post_punch(self, request: Request) -> Response:
+        """A manual correction: a new punch entered by a supervisor or admin, audited.
+
+        It never changes a stored punch: it is stored beside the original under its own
+        id, with `source` manual, its `reason` and the correcting `actor`.
+        """
+        claims = self.claims(request, "admin", "supervisor")
+        body = await self.body(request, CorrectionBody)
+        if (body.employee is None) == (body.badge is None):
+            raise ApiError(400, "give exactly one of `employee` or `badge`")
+        now = datetime.now(UTC)
+        try:
+            late_by = body.at.astimezone(UTC) - now
+        except OverflowError:
+            raise ApiError(400, "`at` has no UTC instant", "invalid_time") from None
+        if late_by > FUTURE_TOLERANCE:
+            raise ApiError(400, "`at` is more than 5 minutes ahead of the server", "invalid_time")
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            employee = await store.find_employee(conn, claims.tenant, body.employee, body.badge)
+            if employee is None:
+                raise ApiError(400, "no such employee", "unknown_employee")
+            site = body.site or employee["site"]
+            if body.site and await store.get_row(conn, "sites", "id", claims.tenant, site) is None:
+                raise ApiError(400, f"no site {site!r}", "unknown_site")
+            if not claims.sees_site(site):
+                raise ApiError(403, f"site {site!r} is not one of this supervisor's")
+            geo = body.geo
+            punch = PunchRequest(
+                tenant=claims.tenant,
+                id=body.id,
+                kind=body.kind,
+                at=body.at,
+                received_at=now,
+                source="manual",
+                employee=employee["id"],
+                site=site,
+                method=body.method or "manual",
+                seq=body.seq,
+                lat=geo.lat if geo else None,
+                lon=geo.lon if geo else None,
+                accuracy_m=geo.accuracy_m if geo else None,
+                offline=body.offline,
+                reason=body.reason,
+                actor=claims.sub,
+            )
+            [outcome] = await store_punches(conn, [punch])
+            answer: dict[str, Any] = {
+                "id": str(body.id),
+                "status": outcome.status,
+                "received_at": format_time(outcome.received_at),
+                "employee": employee["id"],
+                "site": site,
+            }
+            if outcome.reason == "id_conflict":
+                raise ApiError(409, f"punch {body.id} is stored with other details", "id_conflict")
+            if outcome.status == "accepted":
+                await self.audit(
+                    conn,
+                    request,
+                    claims,
+                    "punch.correct",
+                    f"punch:{body.id}",
+                    None,
+                    {
+                        **answer,
+                        "kind": body.kind,
+                        "at": format_time(body.at),
+                        "reason": body.reason,
+                    },
+                )
+        return json_response(answer, 201 if outcome.status == "accepted" else 200)
 
     async def list_punches(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor", "employee")

@@ -18,9 +18,7 @@ import msgspec
 from hub import protocol as p
 from hub.auth import Authenticator
 from hub.tokens import Claims, TokenError
-from workers.persist import PunchRequest, Source
-
-FUTURE_TOLERANCE: Final = timedelta(minutes=5)
+from workers.persist import FUTURE_TOLERANCE, PunchRequest, Source
 
 # Close codes (RFC 6455 reserves 4000-4999 for applications).
 CLOSE_BAD_TOKEN: Final = 4001

@@ -153,6 +153,21 @@ async def upsert_device(conn: Conn, tenant: str, device: str, body: dict[str, An
     )
 
 
+async def find_employee(
+    conn: Conn, tenant: str, employee: str | None, badge: str | None
+) -> dict[str, Any] | None:
+    """The employee (not erased) with this id, or else with this badge."""
+    row = await conn.fetchrow(
+        """SELECT id, site FROM employees
+            WHERE tenant = $1 AND erased_at IS NULL
+              AND ((($2::text IS NOT NULL) AND id = $2) OR ($2::text IS NULL AND badge = $3))""",
+        tenant,
+        employee,
+        badge,
+    )
+    return dict(row) if row is not None else None
+
+
 async def device_token_version(conn: Conn, tenant: str, device: str) -> int | None:
     version: int | None = await conn.fetchval(
         "SELECT token_version FROM devices WHERE tenant = $1 AND id = $2", tenant, device

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, NamedTuple
 
 import asyncpg
@@ -30,6 +30,8 @@ from hub.types import Conn
 log = logging.getLogger(__name__)
 
 Status = Literal["accepted", "duplicate", "rejected"]
+# A punch's `at` may be this far ahead of the server's clock (device clocks drift).
+FUTURE_TOLERANCE: Final = timedelta(minutes=5)
 Source = Literal["terminal", "mobile", "api", "adms", "manual"]
 
 
@@ -279,73 +281,79 @@ class PunchBatcher:
         return results
 
     async def _commit_batch(self, batch: list[_Pending]) -> list[PunchOutcome]:
-        outcomes: list[PunchOutcome] = []
-        # Indexes of the punches that resolved to an employee they may punch for.
-        eligible: list[int] = []
+        requests = [pending.request for pending in batch]
         async with self._pool.acquire() as conn:
             # Row-level security lets this session touch only the batch's tenants. Set for
             # the session, not a transaction, so that the batch statement needs no
             # transaction block; the pool's reset clears it on release.
-            await act_for_tenants(conn, {pending.request.tenant for pending in batch})
+            await act_for_tenants(conn, {request.tenant for request in requests})
             # One statement outside a transaction block is its own transaction, committed at
             # the protocol's Sync; asyncpg hands back the rows only at the ReadyForQuery that
             # follows the commit. So no BEGIN and COMMIT round trips, and no ack before commit.
-            rows = await conn.fetch(_COMMIT_SQL, [pending.request for pending in batch])
-            for index, (pending, row) in enumerate(zip(batch, rows, strict=True)):
-                request = pending.request
-                employee = row["resolved"]
-                if employee is None:
-                    outcomes.append(_rejected(request, "unknown_employee"))
-                elif request.only_employee is not None and employee != request.only_employee:
-                    outcomes.append(_rejected(request, "forbidden"))
-                else:
-                    eligible.append(index)
-                    outcomes.append(
-                        PunchOutcome(
-                            "accepted", request.received_at, None, employee, row["resolved_site"]
-                        )
-                    )
-            # As many rows inserted as eligible punches means every one was new. Fewer means
-            # some repeat an id, within the batch or one stored before: settle those.
-            if eligible and rows[0]["inserted"] < len(eligible):
-                await self._settle_repeats(conn, batch, rows, eligible, outcomes)
-        return outcomes
+            return await store_punches(conn, requests)
 
-    async def _settle_repeats(
-        self,
-        conn: Conn,
-        batch: list[_Pending],
-        rows: list[asyncpg.Record],
-        eligible: list[int],
-        outcomes: list[PunchOutcome],
-    ) -> None:
-        requests = [batch[i].request for i in eligible]
-        found = await conn.fetch(
-            _STORED_SQL, [r.tenant for r in requests], [r.id for r in requests]
-        )
-        stored = {
-            (row["tenant"], row["id"]): _Stored(
-                row["employee"], row["kind"], row["at"], row["received_at"]
+
+async def store_punches(conn: Conn, requests: list[PunchRequest]) -> list[PunchOutcome]:
+    """Resolve, insert and answer punches with one statement on ``conn``.
+
+    Outside a transaction block the statement commits by itself; inside one (a
+    REST correction, audited in the same transaction) it commits with it. The
+    connection must be allowed to act for the requests' tenants.
+    """
+    outcomes: list[PunchOutcome] = []
+    # Indexes of the punches that resolved to an employee they may punch for.
+    eligible: list[int] = []
+    rows = await conn.fetch(_COMMIT_SQL, requests)
+    for index, (request, row) in enumerate(zip(requests, rows, strict=True)):
+        employee = row["resolved"]
+        if employee is None:
+            outcomes.append(_rejected(request, "unknown_employee"))
+        elif request.only_employee is not None and employee != request.only_employee:
+            outcomes.append(_rejected(request, "forbidden"))
+        else:
+            eligible.append(index)
+            outcomes.append(
+                PunchOutcome("accepted", request.received_at, None, employee, row["resolved_site"])
             )
-            for row in found
-        }
-        seen: set[tuple[str, uuid.UUID]] = set()
-        for i, request in zip(eligible, requests, strict=True):
-            key = (request.tenant, request.id)
-            # A row holds every eligible id: this batch inserted it, or ON CONFLICT found it.
-            previous = stored[key]
-            employee = rows[i]["resolved"]
-            first = key not in seen
-            seen.add(key)
-            if (
-                first
-                and previous.received_at == request.received_at
-                and previous.same(employee, request)
-            ):
-                # The row is this copy's: every copy has its own receipt time to the
-                # microsecond. Its `accepted` stands.
-                continue
-            outcomes[i] = previous.answer(employee, request, rows[i]["resolved_site"])
+    # As many rows inserted as eligible punches means every one was new. Fewer means some
+    # repeat an id, within the batch or one stored before: settle those.
+    if eligible and rows[0]["inserted"] < len(eligible):
+        await _settle_repeats(conn, requests, rows, eligible, outcomes)
+    return outcomes
+
+
+async def _settle_repeats(
+    conn: Conn,
+    batch: list[PunchRequest],
+    rows: list[asyncpg.Record],
+    eligible: list[int],
+    outcomes: list[PunchOutcome],
+) -> None:
+    requests = [batch[i] for i in eligible]
+    found = await conn.fetch(_STORED_SQL, [r.tenant for r in requests], [r.id for r in requests])
+    stored = {
+        (row["tenant"], row["id"]): _Stored(
+            row["employee"], row["kind"], row["at"], row["received_at"]
+        )
+        for row in found
+    }
+    seen: set[tuple[str, uuid.UUID]] = set()
+    for i, request in zip(eligible, requests, strict=True):
+        key = (request.tenant, request.id)
+        # A row holds every eligible id: this batch inserted it, or ON CONFLICT found it.
+        previous = stored[key]
+        employee = rows[i]["resolved"]
+        first = key not in seen
+        seen.add(key)
+        if (
+            first
+            and previous.received_at == request.received_at
+            and previous.same(employee, request)
+        ):
+            # The row is this copy's: every copy has its own receipt time to the
+            # microsecond. Its `accepted` stands.
+            continue
+        outcomes[i] = previous.answer(employee, request, rows[i]["resolved_site"])
 
 
 @dataclass(frozen=True, slots=True)
