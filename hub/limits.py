@@ -19,6 +19,10 @@ FLOOD_WINDOW_S: Final = 10.0
 # Most client addresses whose connection or request rate is remembered at once.
 MAX_ADDRESSES: Final = 100_000
 
+# `now` is often a Unix timestamp, a float with a resolution of about 0.2 us today: a client
+# sending exactly at the rate must not be refused for that rounding.
+_TOLERANCE_S: Final = 1e-6
+
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -29,7 +33,7 @@ class TokenBucket:
     at ``rate_per_s``. A clock that goes backwards refills nothing.
     """
 
-    __slots__ = ("burst", "rate_per_s", "stamp", "tokens")
+    __slots__ = ("_enough", "burst", "rate_per_s", "stamp", "tokens")
 
     def __init__(self, rate_per_s: float, burst: int) -> None:
         if rate_per_s <= 0 or burst < 1:
@@ -37,14 +41,15 @@ class TokenBucket:
         self.rate_per_s = rate_per_s
         self.burst = float(burst)
         self.tokens = float(burst)
+        self._enough = 1.0 - min(0.01, _TOLERANCE_S * rate_per_s)
         # The first event refills a full bucket whatever the clock reads.
         self.stamp = float("-inf")
 
     def take(self, now: float) -> bool:
         """Take a token if there is one; False means the event is over the limit."""
         self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= self._enough:
+            self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
 
