@@ -47,10 +47,18 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Take a token if there is one; False means the event is over the limit."""
-        self._refill(now)
-        if self.tokens >= self._enough:
-            self.tokens = max(0.0, self.tokens - 1.0)
+        # The refill is written out here rather than calling _refill: this runs for every frame.
+        tokens = self.tokens
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            tokens += elapsed * self.rate_per_s
+            if tokens > self.burst:
+                tokens = self.burst
+            self.stamp = now
+        if tokens >= self._enough:
+            self.tokens = tokens - 1.0 if tokens > 1.0 else 0.0
             return True
+        self.tokens = tokens
         return False
 
     def retry_after(self, now: float) -> float:
