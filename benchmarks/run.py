@@ -305,6 +305,14 @@ def run_server(
                 "ATTENDANCE_SECRET": secrets.token_urlsafe(48),
                 "ATTENDANCE_HOST": "127.0.0.1",
                 "ATTENDANCE_PORT": str(port),
+                # Every terminal here comes from one address and punches far faster than a
+                # real one; limits this high stay in the measured path but never refuse.
+                "ATTENDANCE_RATE_PER_S": "1000000",
+                "ATTENDANCE_RATE_BURST": "1000000",
+                "ATTENDANCE_CONNECT_RATE_PER_IP": "1000000",
+                "ATTENDANCE_CONNECT_BURST_PER_IP": "1000000",
+                "ATTENDANCE_REST_RATE_PER_IP": "1000000",
+                "ATTENDANCE_REST_BURST_PER_IP": "1000000",
                 **options.hub_env,
             }
         )

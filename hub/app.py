@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +24,7 @@ from hub import metrics, store
 from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.config import Settings
+from hub.limits import AddressLimiter, OriginPolicy, TenantConnections, client_address
 from hub.migrate import migrate
 from hub.protocol import SUBPROTOCOLS, Codec
 from hub.rest import Api, ApiError, error_response
@@ -44,6 +47,12 @@ class Hub:
         self.auth = Authenticator(self.tokens, self.devices)
         self.codecs = {name: Codec(name) for name in SUBPROTOCOLS}
         self.connections: set[Connection] = set()
+        self.tenant_connections = TenantConnections(settings.max_connections_per_tenant)
+        self.origins = OriginPolicy(settings.allowed_origins)
+        self.connect_attempts = AddressLimiter(
+            settings.connect_rate_per_ip, settings.connect_burst_per_ip
+        )
+        self.rest_requests = AddressLimiter(settings.rest_rate_per_ip, settings.rest_burst_per_ip)
         self.draining = False
         self._pool: asyncpg.Pool | None = None
         # As the DSN's user, not the application role: for work across tenants that no
@@ -159,6 +168,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(status, str(exc.detail), code))
 
 
+async def _too_many_requests(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    metrics.refusals("rest_rate").inc()
+    address = client_address(scope)
+    wait = math.ceil(hub.rest_requests.retry_after(address, time.monotonic()))
+    response = error_response(
+        ApiError(429, f"too many requests from {address}; try again in {wait} s")
+    )
+    response.headers["retry-after"] = str(wait)
+    await response(scope, receive, send)
+
+
 def create_app(hub: Hub) -> ASGIApp:
     api = Api(hub)
 
@@ -199,6 +219,10 @@ def create_app(hub: Hub) -> ASGIApp:
         # Punch traffic goes straight to the WebSocket layer; see hub/ws.py for why.
         if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
             await websocket_endpoint(hub, scope, receive, send)
+        elif scope["type"] == "http" and not hub.rest_requests.take(
+            client_address(scope), time.monotonic()
+        ):
+            await _too_many_requests(hub, scope, receive, send)
         else:
             await app(scope, receive, send)
 

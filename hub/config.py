@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub.limits import normalize_origin
+
 
 class ConfigError(ValueError):
     """A setting has a value the hub cannot use."""
@@ -22,6 +24,21 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _origins(env: dict[str, str], name: str) -> tuple[str, ...]:
+    origins = []
+    for item in (env.get(name) or "").split(","):
+        if not item.strip():
+            continue
+        if item.strip() == "*":
+            origins.append("*")
+            continue
+        try:
+            origins.append(normalize_origin(item))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}, e.g. https://dash.example.com") from None
+    return tuple(origins)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +60,15 @@ class Settings:
     max_body_bytes: int
     send_queue_frames: int
     db_pool_size: int
+    allowed_origins: tuple[str, ...]
+    rate_per_s: int
+    rate_burst: int
+    rate_flood: int
+    max_connections_per_tenant: int
+    connect_rate_per_ip: int
+    connect_burst_per_ip: int
+    rest_rate_per_ip: int
+    rest_burst_per_ip: int
 
     @property
     def embedded(self) -> bool:
@@ -76,6 +102,17 @@ class Settings:
             max_body_bytes=_int(env, "ATTENDANCE_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
             send_queue_frames=_int(env, "ATTENDANCE_SEND_QUEUE_FRAMES", 1024, minimum=16),
             db_pool_size=_int(env, "ATTENDANCE_DB_POOL_SIZE", 8, minimum=2),
+            allowed_origins=_origins(env, "ATTENDANCE_ALLOWED_ORIGINS"),
+            rate_per_s=_int(env, "ATTENDANCE_RATE_PER_S", 50),
+            rate_burst=_int(env, "ATTENDANCE_RATE_BURST", 200, minimum=1),
+            rate_flood=_int(env, "ATTENDANCE_RATE_FLOOD", 100),
+            max_connections_per_tenant=_int(
+                env, "ATTENDANCE_MAX_CONNECTIONS_PER_TENANT", 10_000, minimum=1
+            ),
+            connect_rate_per_ip=_int(env, "ATTENDANCE_CONNECT_RATE_PER_IP", 600),
+            connect_burst_per_ip=_int(env, "ATTENDANCE_CONNECT_BURST_PER_IP", 300, minimum=1),
+            rest_rate_per_ip=_int(env, "ATTENDANCE_REST_RATE_PER_IP", 6000),
+            rest_burst_per_ip=_int(env, "ATTENDANCE_REST_BURST_PER_IP", 1000, minimum=1),
         )
 
 

@@ -87,6 +87,11 @@ BATCH_FAILURES = Counter(
     "Batches whose transaction failed; their punches were not acked.",
     ["reason"],
 )
+LIMIT_REFUSALS = Counter(
+    "attendance_limit_refusals_total",
+    "Frames, handshakes, hellos and requests refused by an abuse limit, by limit.",
+    ["limit"],
+)
 HTTP_REQUESTS = Counter(
     "attendance_http_requests_total",
     "REST requests by route template and status.",
@@ -97,3 +102,16 @@ HTTP_REQUESTS = Counter(
 @functools.cache
 def punches(result: str) -> Counter:
     return PUNCHES.labels(result)
+
+
+# Every value the `limit` label takes, so that each series exists (at 0) from the start.
+LIMITS = ("frame_rate", "frame_flood", "tenant_connections", "origin", "connect_rate", "rest_rate")
+
+
+@functools.cache
+def refusals(limit: str) -> Counter:
+    return LIMIT_REFUSALS.labels(limit)
+
+
+for _limit in LIMITS:
+    refusals(_limit)

@@ -17,6 +17,7 @@ import msgspec
 
 from hub import protocol as p
 from hub.auth import Authenticator
+from hub.limits import FLOOD_WINDOW_S, FrameLimiter, TenantConnections, Verdict
 from hub.tokens import Claims, TokenError
 from workers.persist import FUTURE_TOLERANCE, PunchRequest, Source
 
@@ -26,6 +27,7 @@ CLOSE_HELLO_REQUIRED: Final = 4002
 CLOSE_FLOOD: Final = 4008
 CLOSE_SLOW_CONSUMER: Final = 4009
 CLOSE_TOO_BIG: Final = 1009
+CLOSE_TRY_AGAIN_LATER: Final = 1013
 CLOSE_RESTART: Final = 1012
 
 # More bad frames than this within the window closes the socket with 4008.
@@ -66,21 +68,50 @@ class Close(msgspec.Struct, frozen=True):
     reason: str
 
 
-Action = Send | SubmitPunch | Close
+class LimitReached(msgspec.Struct, frozen=True):
+    """An abuse limit refused something; ``limit`` names it for the metrics."""
+
+    limit: str
+
+
+Action = Send | SubmitPunch | Close | LimitReached
 
 
 class Session:
-    def __init__(self, tokens: Authenticator, *, heartbeat_s: int) -> None:
+    """One connection's protocol state.
+
+    ``limiter`` (optional) caps this session's frame rate. ``tenants`` (optional) caps
+    the sessions per tenant: a slot is taken at ``hello`` and given back by ``closed``,
+    so the transport must call ``closed`` however the connection ends.
+    """
+
+    def __init__(
+        self,
+        tokens: Authenticator,
+        *,
+        heartbeat_s: int,
+        limiter: FrameLimiter | None = None,
+        tenants: TenantConnections | None = None,
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.state = SessionState.AWAITING_HELLO
         self.claims: Claims | None = None
         self._tokens = tokens
         self._heartbeat_s = heartbeat_s
         self._bad_frames: deque[datetime] = deque()
+        self._limiter = limiter
+        self._tenants = tenants
+        self._tenant_slot: str | None = None
 
     def receive(self, frame: p.ClientFrame, now: datetime) -> list[Action]:
         if self.state is SessionState.CLOSED:
             raise IllegalTransition("a closed session received a frame")
+        limiter = self._limiter
+        if limiter is not None:
+            verdict = limiter.check(now.timestamp())
+            if verdict is not Verdict.PASS:
+                punch_id = frame.id if isinstance(frame, p.Punch) else None
+                return self._rate_limited(limiter, verdict, frame.ref, punch_id)
         if self.state is SessionState.AWAITING_HELLO:
             if not isinstance(frame, p.Hello):
                 return self._close(
@@ -125,6 +156,11 @@ class Session:
         """A frame that failed to decode: answer it, and close on a flood of them."""
         if self.state is SessionState.CLOSED:
             raise IllegalTransition("a closed session received a frame")
+        limiter = self._limiter
+        if limiter is not None:
+            verdict = limiter.check(now.timestamp())
+            if verdict is not Verdict.PASS:
+                return self._rate_limited(limiter, verdict, ref, None)
         self._bad_frames.append(now)
         while self._bad_frames and now - self._bad_frames[0] > BAD_FRAME_WINDOW:
             self._bad_frames.popleft()
@@ -135,13 +171,55 @@ class Session:
         return [Send(p.Error(code="bad_frame", message=message, ref=ref))]
 
     def closed(self) -> None:
+        """The connection has ended: give back the tenant slot, refuse further frames."""
         self.state = SessionState.CLOSED
+        if self._tenant_slot is not None and self._tenants is not None:
+            self._tenants.release(self._tenant_slot)
+            self._tenant_slot = None
+
+    def _rate_limited(
+        self, limiter: FrameLimiter, verdict: Verdict, ref: str | None, punch_id: uuid.UUID | None
+    ) -> list[Action]:
+        """Refuse a frame over the rate; a punch's error carries its id, so it is resent later."""
+        pace = f"send at most {limiter.rate_per_s} frames per second (bursts of {limiter.burst})"
+        subject = "frame" if punch_id is None else f"punch {punch_id}"
+        if verdict is Verdict.FLOOD:
+            self.state = SessionState.CLOSED
+            message = (
+                f"{subject} not processed and the connection closed: more than "
+                f"{limiter.flood} frames over the rate limit within {FLOOD_WINDOW_S:g} s; "
+                f"reconnect later and {pace}"
+            )
+            return [
+                LimitReached("frame_flood"),
+                Send(p.Error(code="rate_limited", message=message, ref=ref, id=punch_id)),
+                Close(CLOSE_FLOOD, "rate_limited"),
+            ]
+        message = f"{subject} not processed: over the rate limit; resend it later and {pace}"
+        return [
+            LimitReached("frame_rate"),
+            Send(p.Error(code="rate_limited", message=message, ref=ref, id=punch_id)),
+        ]
 
     def _hello(self, hello: p.Hello, now: datetime) -> list[Action]:
         try:
             claims = self._tokens.verify(hello.token)
         except TokenError as exc:
             return self._close(CLOSE_BAD_TOKEN, "bad_token", str(exc), hello.ref)
+        tenants = self._tenants
+        if tenants is not None:
+            if not tenants.acquire(claims.tenant):
+                return [
+                    LimitReached("tenant_connections"),
+                    *self._close(
+                        CLOSE_TRY_AGAIN_LATER,
+                        "too_many_connections",
+                        f"tenant {claims.tenant} already has {tenants.cap} connections to this "
+                        "hub; try again later",
+                        hello.ref,
+                    ),
+                ]
+            self._tenant_slot = claims.tenant
         self.claims = claims
         self.state = SessionState.OPEN
         welcome = p.Welcome(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -20,17 +21,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from starlette.types import Receive, Scope
 from starlette.types import Send as AsgiSend
 
 from hub import metrics
 from hub import protocol as p
+from hub.limits import FrameLimiter, client_address
 from hub.session import (
     CLOSE_BAD_TOKEN,
     CLOSE_HELLO_REQUIRED,
     CLOSE_RESTART,
     CLOSE_SLOW_CONSUMER,
+    Action,
     Close,
+    LimitReached,
     Send,
     Session,
     SubmitPunch,
@@ -63,7 +68,18 @@ class Connection:
         self._cork = cork["cork"] if cork else _nothing
         self._uncork = cork["uncork"] if cork else _nothing
         self.codec = codec
-        self.session = Session(hub.auth, heartbeat_s=hub.settings.heartbeat_s)
+        settings = hub.settings
+        limiter = (
+            FrameLimiter(settings.rate_per_s, settings.rate_burst, settings.rate_flood)
+            if settings.rate_per_s
+            else None
+        )
+        self.session = Session(
+            hub.auth,
+            heartbeat_s=settings.heartbeat_s,
+            limiter=limiter,
+            tenants=hub.tenant_connections,
+        )
         self._outbox: deque[bytes | tuple[int, str]] = deque()
         self._outbox_limit = hub.settings.send_queue_frames
         self._wake: asyncio.Future[None] | None = None
@@ -208,7 +224,7 @@ class Connection:
         )
         self.close(CLOSE_BAD_TOKEN, "token_expired")
 
-    def _act(self, actions: list[Send | SubmitPunch | Close]) -> None:
+    def _act(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
                 case Send(frame=frame):
@@ -219,6 +235,8 @@ class Connection:
                     self._submit(action)
                 case Close(code=code, reason=reason):
                     self.close(code, reason)
+                case LimitReached(limit=limit):
+                    metrics.refusals(limit).inc()
 
     def _submit(self, action: SubmitPunch) -> None:
         punch_id = action.request.id
@@ -314,6 +332,32 @@ async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Asg
     """The ASGI application behind ``GET /v1/ws``."""
     if (await receive())["type"] != "websocket.connect":
         return
+    address = client_address(scope)
+    now = time.monotonic()
+    if not hub.connect_attempts.take(address, now):
+        metrics.refusals("connect_rate").inc()
+        wait = math.ceil(hub.connect_attempts.retry_after(address, now))
+        await refuse_handshake(
+            scope,
+            send,
+            429,
+            "rate_limited",
+            f"too many connection attempts from {address}; try again in {wait} s",
+            [(b"retry-after", str(wait).encode())],
+        )
+        return
+    origin = _header(scope, b"origin")
+    if origin is not None and not hub.origins.allows(origin, _header(scope, b"host")):
+        metrics.refusals("origin").inc()
+        await refuse_handshake(
+            scope,
+            send,
+            403,
+            "origin_not_allowed",
+            f"pages from {origin} may not open WebSockets to this hub; the operator can allow "
+            "that origin in ATTENDANCE_ALLOWED_ORIGINS",
+        )
+        return
     offered = list(scope.get("subprotocols") or [])
     chosen = choose_subprotocol(offered)
     if offered and chosen is None:
@@ -324,6 +368,40 @@ async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Asg
     codec = hub.codecs[chosen or p.JSON_SUBPROTOCOL]
     cork = scope.get("extensions", {}).get(CORK_EXTENSION)
     await Connection(hub, receive, send, codec, cork).run()
+
+
+async def refuse_handshake(
+    scope: Scope,
+    send: AsgiSend,
+    status: int,
+    code: str,
+    message: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer a handshake with an HTTP error and the REST error body instead of accepting it.
+
+    That needs the ASGI "websocket.http.response" extension (uvicorn has it). Without
+    it, closing before accepting is the only refusal there is, and servers send 403.
+    """
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": ""})
+        return
+    body = msgspec.json.encode({"error": {"code": code, "message": message}})
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _nothing() -> None:

@@ -14,14 +14,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry, DeviceState
+from hub.limits import FrameLimiter, TenantConnections
 from hub.session import (
     BAD_FRAME_LIMIT,
     BAD_FRAME_WINDOW,
     CLOSE_BAD_TOKEN,
     CLOSE_FLOOD,
     CLOSE_HELLO_REQUIRED,
+    CLOSE_TRY_AGAIN_LATER,
     Close,
     IllegalTransition,
+    LimitReached,
     Send,
     Session,
     SessionState,
@@ -57,8 +60,8 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def opened(hello_token: str, at: datetime) -> Session:
-    session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
+def opened(hello_token: str, at: datetime, **limits: Any) -> Session:
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S, **limits)
     actions = session.receive(p.Hello(token=hello_token), at)
     assert [type(a) for a in actions] == [Send], actions
     assert isinstance(actions[0], Send) and isinstance(actions[0].frame, p.Welcome)
@@ -414,6 +417,133 @@ def test_good_frames_do_not_reset_the_flood_count() -> None:
     closing(session.bad_frame("bad", None, moment), "rate_limited", CLOSE_FLOOD)
 
 
+# -- frame rate ----------------------------------------------------------------------------
+
+
+def limited(rate_per_s: int = 1, burst: int = 3, flood: int = 5) -> FrameLimiter:
+    return FrameLimiter(rate_per_s=rate_per_s, burst=burst, flood=flood)
+
+
+def refused(actions: list[Any], ref: str | None = None, punch_id: uuid.UUID | None = None) -> None:
+    """Assert the actions are exactly: count a refusal, send `rate_limited`; nothing processed."""
+    assert len(actions) == 2, actions
+    assert actions[0] == LimitReached("frame_rate")
+    assert isinstance(actions[1], Send) and isinstance(actions[1].frame, p.Error)
+    error = actions[1].frame
+    assert (error.code, error.ref, error.id) == ("rate_limited", ref, punch_id)
+    assert "1 frames per second" in error.message
+
+
+def test_frames_over_the_rate_get_rate_limited_and_are_not_processed() -> None:
+    moment = now()
+    session = opened(TERMINAL, moment, limiter=limited(burst=3))
+    assert [type(a) for a in session.receive(p.Ping(ref="a"), moment)] == [Send]
+    assert [type(a) for a in session.receive(punch(moment, ref="b"), moment)] == [SubmitPunch]
+    refused(session.receive(p.Ping(ref="c"), moment), "c")
+    assert session.state is SessionState.OPEN
+
+
+def test_a_rate_limited_punch_carries_its_id_and_is_taken_once_the_rate_allows() -> None:
+    moment = now()
+    session = opened(TERMINAL, moment, limiter=limited(burst=1))
+    actions = session.receive(punch(moment, ref="p1"), moment)
+    refused(actions, "p1", PUNCH_ID)
+    assert str(PUNCH_ID) in actions[1].frame.message
+    later = moment + timedelta(seconds=1)
+    [submit] = session.receive(punch(moment, ref="p1"), later)
+    assert isinstance(submit, SubmitPunch) and submit.request.id == PUNCH_ID
+
+
+def test_malformed_frames_count_against_the_rate_too() -> None:
+    moment = now()
+    session = opened(TERMINAL, moment, limiter=limited(burst=2))
+    assert session.bad_frame("bad", "x", moment) == [
+        Send(p.Error(code="bad_frame", message="bad", ref="x"))
+    ]
+    refused(session.bad_frame("bad", "y", moment), "y")
+    refused(session.receive(p.Ping(ref="z"), moment), "z")
+
+
+def test_a_flood_of_refused_frames_closes_4008_with_the_punch_id() -> None:
+    moment = now()
+    session = opened(TERMINAL, moment, limiter=limited(burst=1, flood=3))
+    for n in range(3):
+        refused(session.receive(p.Ping(ref=f"r{n}"), moment), f"r{n}")
+    actions = session.receive(punch(moment, ref="last"), moment)
+    assert len(actions) == 3, actions
+    count, send, close = actions
+    assert count == LimitReached("frame_flood")
+    assert isinstance(send, Send) and isinstance(send.frame, p.Error)
+    assert (send.frame.code, send.frame.ref, send.frame.id) == ("rate_limited", "last", PUNCH_ID)
+    assert "more than 3 frames" in send.frame.message
+    assert close == Close(CLOSE_FLOOD, "rate_limited")
+    assert session.state is SessionState.CLOSED
+
+
+def test_frames_at_the_sustained_rate_are_never_refused() -> None:
+    start = now()
+    session = opened(TERMINAL, start, limiter=limited(rate_per_s=5, burst=1, flood=0))
+    for n in range(1, 500):
+        at = start + timedelta(milliseconds=200 * n)
+        assert [type(a) for a in session.receive(punch(at), at)] == [SubmitPunch], n
+
+
+def test_the_rate_applies_before_hello_too() -> None:
+    moment = now()
+    session = Session(AUTH, heartbeat_s=HEARTBEAT_S, limiter=limited(burst=1))
+    assert session.bad_frame("bad", None, moment)[0] == Send(
+        p.Error(code="bad_frame", message="bad", ref=None)
+    )
+    refused(session.receive(p.Hello(token=TERMINAL, ref="h"), moment), "h")
+    assert session.state is SessionState.AWAITING_HELLO
+
+
+# -- connections per tenant ----------------------------------------------------------------
+
+
+def test_a_hello_over_the_tenant_cap_is_refused_and_closed_1013() -> None:
+    tenants = TenantConnections(cap=2)
+    first = opened(TERMINAL, now(), tenants=tenants)
+    opened(EMPLOYEE, now(), tenants=tenants)
+    third = Session(AUTH, heartbeat_s=HEARTBEAT_S, tenants=tenants)
+    actions = third.receive(p.Hello(token=ADMIN, ref="h"), now())
+    assert actions[0] == LimitReached("tenant_connections")
+    closing(actions[1:], "too_many_connections", CLOSE_TRY_AGAIN_LATER, "h")
+    assert third.claims is None and third.state is SessionState.CLOSED
+    # Giving back a slot lets the next one in.
+    third.closed()
+    assert tenants.count(TENANT) == 2
+    first.closed()
+    assert tenants.count(TENANT) == 1
+    opened(ADMIN, now(), tenants=tenants)
+    assert tenants.count(TENANT) == 2
+
+
+def test_the_cap_is_per_tenant() -> None:
+    tenants = TenantConnections(cap=1)
+    opened(TERMINAL, now(), tenants=tenants)
+    opened(token("terminal", "door", tenant="other", site="hq"), now(), tenants=tenants)
+    assert (tenants.count(TENANT), tenants.count("other")) == (1, 1)
+
+
+def test_a_session_gives_its_slot_back_once_however_it_closed() -> None:
+    tenants = TenantConnections(cap=5)
+    by_transport = opened(TERMINAL, now(), tenants=tenants)
+    by_bad_refresh = opened(TERMINAL, now(), tenants=tenants)
+    by_flood = opened(TERMINAL, now(), tenants=tenants, limiter=limited(burst=1, flood=0))
+    never_opened = Session(AUTH, heartbeat_s=HEARTBEAT_S, tenants=tenants)
+    never_opened.receive(p.Hello(token="garbage"), now())
+    assert tenants.count(TENANT) == 3
+    by_bad_refresh.receive(p.Refresh(token="garbage"), now())
+    by_flood.receive(p.Ping(), now())
+    # Closed by the protocol, the slot stays held until the transport has really closed.
+    assert tenants.count(TENANT) == 3
+    for session in (by_transport, by_bad_refresh, by_flood, never_opened):
+        session.closed()
+        session.closed()
+    assert tenants.count(TENANT) == 0
+
+
 # -- after close ---------------------------------------------------------------------------
 
 
@@ -495,9 +625,14 @@ class SessionMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.session = Session(AUTH, heartbeat_s=HEARTBEAT_S)
+        self.tenants = TenantConnections(cap=1)
+        self.session = Session(
+            AUTH, heartbeat_s=HEARTBEAT_S, limiter=limited(rate_per_s=2, burst=4, flood=6),
+            tenants=self.tenants,
+        )  # fmt: skip
         self.clock = START
         self.saw_welcome = False
+        self.transport_gone = False
 
     def step(self, call: Any, frame: p.ClientFrame | None) -> None:
         before = self.session.state
@@ -514,6 +649,9 @@ class SessionMachine(RuleBasedStateMachine):
             if isinstance(action, Send):
                 for codec in CODECS:
                     codec.encode(action.frame)
+                if isinstance(action.frame, p.Error) and action.frame.code == "rate_limited":
+                    # A punch is never dropped without its id, so the client knows to resend it.
+                    assert action.frame.id == (frame.id if isinstance(frame, p.Punch) else None)
                 if isinstance(action.frame, p.Welcome):
                     assert not self.saw_welcome and isinstance(frame, p.Hello)
                     self.saw_welcome = True
@@ -553,6 +691,7 @@ class SessionMachine(RuleBasedStateMachine):
     @rule()
     def transport_closed(self) -> None:
         self.session.closed()
+        self.transport_gone = True
 
     @precondition(lambda self: self.session.state is SessionState.CLOSED)
     @rule(frame=client_frames, message=st.text(max_size=10))
@@ -566,6 +705,11 @@ class SessionMachine(RuleBasedStateMachine):
     def open_means_authenticated(self) -> None:
         if self.session.state is SessionState.OPEN:
             assert self.session.claims is not None
+
+    @invariant()
+    def a_tenant_slot_is_held_from_welcome_until_the_transport_closes(self) -> None:
+        held = self.tenants.count(TENANT) + self.tenants.count("other")
+        assert held == (self.session.claims is not None and not self.transport_gone)
 
 
 SessionMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
