@@ -139,6 +139,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/devices/{device}", api.put_device, methods=["PUT"]),
         Route("/v1/tokens", api.post_token, methods=["POST"]),
         Route("/v1/punches", api.list_punches, methods=["GET"]),
+        Route("/v1/audit", api.list_audit, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

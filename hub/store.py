@@ -229,6 +229,40 @@ async def redact_audit(conn: Conn, tenant: str, *, target: str, fields: Collecti
     return len(changes)
 
 
+AUDIT_COLUMNS: Final = (
+    "seq, at, actor, role, action, target, ip, user_agent, before, after, hash, redacted_at"
+)
+
+
+async def list_audit(
+    conn: Conn,
+    tenant: str,
+    *,
+    since: datetime | None,
+    action: str | None,
+    target: str | None,
+    after: int,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """The tenant's audit rows with seq above ``after``, oldest first."""
+    return await conn.fetch(
+        f"""SELECT {AUDIT_COLUMNS} FROM audit_log
+             WHERE tenant = $1
+               AND seq > $2
+               AND ($3::timestamptz IS NULL OR at >= $3)
+               AND ($4::text IS NULL OR action = $4)
+               AND ($5::text IS NULL OR target = $5)
+             ORDER BY seq
+             LIMIT $6""",
+        tenant,
+        after,
+        since,
+        action,
+        target,
+        limit,
+    )
+
+
 async def verify_audit(conn: Conn, tenant: str) -> audit.ChainReport:
     """Recompute the tenant's audit chain from its anchor, in one snapshot."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -516,3 +517,126 @@ async def test_rows_written_before_the_chain_are_renumbered_and_kept_outside_it(
             assert report.ok and report.entries == 1, report
     finally:
         await conn.close()
+
+
+# -- GET /v1/audit -------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code, response.text
+
+
+async def test_admins_read_the_log_oldest_first(tenant: TenantKit, db: asyncpg.Connection) -> None:
+    response = await tenant.http.get("/v1/audit")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert list(body) == ["entries"]
+    entries = body["entries"]
+    assert [(e["action"], e["target"]) for e in entries] == PROVISIONED
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    stored = await chain(db, tenant.slug)
+    assert [e["hash"] for e in entries] == [r["hash"] for r in stored]
+    first = entries[1]
+    assert sorted(first) == sorted(
+        [
+            "seq",
+            "at",
+            "actor",
+            "role",
+            "action",
+            "target",
+            "ip",
+            "user_agent",
+            "before",
+            "after",
+            "hash",
+        ]
+    )
+    assert (first["actor"], first["role"], first["ip"]) == ("test-admin", "admin", "127.0.0.1")
+    assert first["before"] is None
+    assert first["after"] == {"id": "e1", "name": "Employee 1", "site": "hq", "badge": "b1"}
+    assert first["at"].endswith("Z")
+    at = datetime.fromisoformat(first["at"].replace("Z", "+00:00"))
+    assert abs(at - stored[1]["at"]) < timedelta(milliseconds=1)
+
+
+async def test_the_audit_cursor_pages_through_every_entry(tenant: TenantKit) -> None:
+    for n in range(4):
+        response = await tenant.http.put(f"/v1/sites/s{n}", json={"name": "S", "timezone": "UTC"})
+        assert response.status_code == 201
+    pages = []
+    query: dict[str, Any] = {"limit": 2}
+    while True:
+        body = (await tenant.http.get("/v1/audit", params=query)).json()
+        pages.append([e["seq"] for e in body["entries"]])
+        if "next" not in body:
+            break
+        assert body["next"] == body["entries"][-1]["seq"]
+        query["after"] = body["next"]
+    assert pages == [[1, 2], [3, 4], [5, 6], [7, 8], [9]]
+    everything = (await tenant.http.get("/v1/audit", params={"limit": 1000})).json()
+    assert [e["seq"] for e in everything["entries"]] == list(range(1, 10))
+    assert "next" not in everything
+
+
+async def test_the_log_filters_by_action_target_and_time(
+    tenant: TenantKit, db: asyncpg.Connection
+) -> None:
+    async def seqs(**query: Any) -> list[int]:
+        response = await tenant.http.get("/v1/audit", params=query)
+        assert response.status_code == 200, response.text
+        return [e["seq"] for e in response.json()["entries"]]
+
+    assert await seqs(action="employee.put") == [2, 3, 4]
+    assert await seqs(target="employee:e2") == [3]
+    assert await seqs(action="employee.put", after=2, limit=1) == [3]
+    assert await seqs(action="token.issue") == []
+    fourth = (await chain(db, tenant.slug))[3]["at"]
+    assert await seqs(since=fourth.isoformat()) == [4, 5]
+    later = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    assert await seqs(since=later) == []
+    assert await seqs(since="2000-01-01T00:00:00+01:00") == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": "0"},
+        {"limit": "1001"},
+        {"limit": "ten"},
+        {"after": "-1"},
+        {"after": "MjAyNg"},
+        {"since": "yesterday"},
+        {"since": "2026-01-01T00:00:00"},
+        {"action": ""},
+        {"target": "x" * 201},
+    ],
+)
+async def test_bad_audit_queries_are_400(tenant: TenantKit, query: dict[str, str]) -> None:
+    assert_error(await tenant.http.get("/v1/audit", params=query), 400, "invalid")
+
+
+async def test_only_admins_read_the_log(tenant: TenantKit) -> None:
+    for token in (
+        tenant.token("supervisor", "boss", sites=["*"]),
+        tenant.terminal_token,
+        tenant.token("employee", "e1", employee="e1"),
+    ):
+        response = await tenant.http.get("/v1/audit", headers={"authorization": f"Bearer {token}"})
+        assert_error(response, 403, "forbidden")
+    async with httpx.AsyncClient(base_url=tenant.base_url) as anonymous:
+        assert_error(await anonymous.get("/v1/audit"), 401, "unauthorized")
+        response = await anonymous.get("/v1/audit", headers={"authorization": "Bearer nonsense"})
+        assert_error(response, 401, "unauthorized")
+
+
+async def test_an_admin_reads_only_its_own_tenants_log(tenant: TenantKit, other: TenantKit) -> None:
+    response = await tenant.http.put("/v1/sites/only-here", json={"name": "X", "timezone": "UTC"})
+    assert response.status_code == 201
+    mine = (await tenant.http.get("/v1/audit")).json()["entries"]
+    theirs = (await other.http.get("/v1/audit")).json()["entries"]
+    assert [(e["action"], e["target"]) for e in theirs] == PROVISIONED
+    assert {e["hash"] for e in mine}.isdisjoint(e["hash"] for e in theirs)
+    response = await other.http.get("/v1/audit", params={"target": "site:only-here"})
+    assert response.json() == {"entries": []}
