@@ -25,6 +25,7 @@ from hub.rest import Api, ApiError, error_response
 from hub.tokens import TokenIssuer
 from hub.ws import Connection, websocket_endpoint
 from workers.persist import PunchBatcher
+from workers.retention import RetentionJob
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Hub:
         self.draining = False
         self._pool: asyncpg.Pool | None = None
         self._batcher: PunchBatcher | None = None
+        self._retention: RetentionJob | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -65,16 +67,22 @@ class Hub:
             concurrency=self.settings.batch_concurrency,
         )
         self._batcher.start()
+        self._retention = RetentionJob(self._pool, self.settings)
+        self._retention.start()
         _tune_garbage_collector()
 
     async def drain(self) -> None:
         """Before a planned shutdown: answer every queued punch, then send clients away."""
         self.draining = True
+        if self._retention is not None:
+            await self._retention.stop()
         if self._batcher is not None:
             await self._batcher.flush()
         await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
 
     async def stop(self) -> None:
+        if self._retention is not None:
+            await self._retention.stop()
         if self._batcher is not None:
             await self._batcher.stop()
         if self._pool is not None:

@@ -24,6 +24,16 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+MAX_RETENTION_DAYS = 36_525
+
+
+def _days(env: dict[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value > MAX_RETENTION_DAYS:
+        raise ConfigError(f"{name} must be at most {MAX_RETENTION_DAYS} (100 years), got {value}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str | None
@@ -41,6 +51,9 @@ class Settings:
     max_body_bytes: int
     send_queue_frames: int
     db_pool_size: int
+    # Days a punch (by `at`) and an audit row are kept; 0 keeps them for ever.
+    retention_punches_days: int
+    retention_audit_days: int
 
     @property
     def embedded(self) -> bool:
@@ -73,4 +86,6 @@ class Settings:
             max_body_bytes=_int(env, "ATTENDANCE_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
             send_queue_frames=_int(env, "ATTENDANCE_SEND_QUEUE_FRAMES", 1024, minimum=16),
             db_pool_size=_int(env, "ATTENDANCE_DB_POOL_SIZE", 8, minimum=2),
+            retention_punches_days=_days(env, "ATTENDANCE_RETENTION_PUNCHES_DAYS", 2557),
+            retention_audit_days=_days(env, "ATTENDANCE_RETENTION_AUDIT_DAYS", 1096),
         )

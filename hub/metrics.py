@@ -87,6 +87,11 @@ BATCH_FAILURES = Counter(
     "Batches whose transaction failed; their punches were not acked.",
     ["reason"],
 )
+RETENTION_DELETED = Counter(
+    "attendance_retention_deleted_total",
+    "Rows deleted by retention, by table (punches, audit_log).",
+    ["table"],
+)
 HTTP_REQUESTS = Counter(
     "attendance_http_requests_total",
     "REST requests by route template and status.",
