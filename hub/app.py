@@ -32,6 +32,7 @@ from hub.session import CLOSE_BAD_TOKEN
 from hub.tokens import TokenError, TokenIssuer
 from hub.ws import Connection, websocket_endpoint
 from workers.persist import PunchBatcher
+from workers.retention import RetentionJob
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Hub:
         self._system_pool: asyncpg.Pool | None = None
         self._following: asyncio.Task[None] | None = None
         self._batcher: PunchBatcher | None = None
+        self._retention: RetentionJob | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -82,7 +84,7 @@ class Hub:
         self._pool = await store.create_pool(
             self.dsn, min_size=2, max_size=self.settings.db_pool_size
         )
-        self._system_pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
+        self._system_pool = await store.create_system_pool(self.dsn)
         async with self._system_pool.acquire() as conn:
             await self.devices.refresh(conn)
         self._following = asyncio.create_task(
@@ -95,11 +97,16 @@ class Hub:
             concurrency=self.settings.batch_concurrency,
         )
         self._batcher.start()
+        # Retention deletes across tenants: the system pool, not the application role.
+        self._retention = RetentionJob(self._system_pool, self.settings)
+        self._retention.start()
         _tune_garbage_collector()
 
     async def drain(self) -> None:
         """Before a planned shutdown: answer every queued punch, then send clients away."""
         self.draining = True
+        if self._retention is not None:
+            await self._retention.stop()
         if self._batcher is not None:
             await self._batcher.flush()
         await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
@@ -109,6 +116,8 @@ class Hub:
             self._following.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._following
+        if self._retention is not None:
+            await self._retention.stop()
         if self._batcher is not None:
             await self._batcher.stop()
         for pool in (self._pool, self._system_pool):
@@ -203,6 +212,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/tokens", api.post_token, methods=["POST"]),
         Route("/v1/punches", api.list_punches, methods=["GET"]),
         Route("/v1/punches", api.post_punch, methods=["POST"]),
+        Route("/v1/audit", api.list_audit, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

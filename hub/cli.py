@@ -1,4 +1,4 @@
-"""The `attendance-hub` command: serve, migrate, tenant create, worker."""
+"""The `attendance-hub` command: serve, migrate, tenant create, audit verify, worker."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import uvicorn
 
-from hub import store
+from hub import audit, store
 from hub.app import Hub, create_app
 from hub.config import ConfigError, Settings
 from hub.embedded_pg import DataDirBusy, EmbeddedPostgres, EmbeddedStartError
@@ -100,6 +100,27 @@ async def create_tenant(dsn: str, secret: str, slug: str, name: str, timezone: s
         tenant=slug, role="admin", sub="cli", ttl_s=ADMIN_TOKEN_TTL_S
     )
     return token
+
+
+async def verify_audit_chains(dsn: str, tenant: str | None) -> list[audit.ChainReport]:
+    """Verify one tenant's audit chain, or every tenant's. Reads only; migrates nothing."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await store.init_connection(conn)
+        if not await conn.fetchval("SELECT to_regclass('audit_heads') IS NOT NULL"):
+            raise CliError(
+                "this database has no audit chain yet (migration 0003); "
+                "run `attendance-hub migrate` or start the hub first"
+            )
+        if tenant is None:
+            tenants = [r["id"] for r in await conn.fetch("SELECT id FROM tenants ORDER BY id")]
+        elif await store.tenant_exists(conn, tenant):
+            tenants = [tenant]
+        else:
+            raise CliError(f"no tenant {tenant!r}")
+        return [await store.verify_audit(conn, slug) for slug in tenants]
+    finally:
+        await conn.close()
 
 
 DEMO_EMPLOYEES = [
@@ -255,6 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     create_cmd.add_argument("slug")
     create_cmd.add_argument("--name")
     create_cmd.add_argument("--timezone", default="UTC")
+    audit_cmd = commands.add_parser("audit", help="check the audit log")
+    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)
+    verify_cmd = audit_sub.add_parser(
+        "verify", help="recompute each tenant's audit hash chain; exit 1 if any is broken"
+    )
+    verify_cmd.add_argument("--tenant", metavar="SLUG", help="only this tenant")
     commands.add_parser("worker", help="run a persistence worker (scale-out mode)")
     args = parser.parse_args(argv)
 
@@ -271,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"applied": applied}))
         elif args.command == "tenant":
             _tenant_create(settings, args.slug, args.name or args.slug, args.timezone)
+        elif args.command == "audit":
+            _audit_verify(settings, args.tenant)
         elif args.command == "worker":
             raise CliError(
                 "`attendance-hub worker` needs ATTENDANCE_REDIS_URL and the Redis stream "
@@ -300,6 +329,15 @@ def _tenant_create(settings: Settings, slug: str, name: str, timezone: str) -> N
     with open_database(settings, serving=False) as database:
         token = asyncio.run(create_tenant(database.dsn, database.secret, slug, name, timezone))
     print(json.dumps({"tenant": slug, "admin_token": token}), flush=True)
+
+
+def _audit_verify(settings: Settings, tenant: str | None) -> None:
+    with open_database(settings, serving=False) as database:
+        reports = asyncio.run(verify_audit_chains(database.dsn, tenant))
+    for report in reports:
+        print(json.dumps(report.to_json()), flush=True)
+    if not all(report.ok for report in reports):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,16 @@ def _origins(env: dict[str, str], name: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+MAX_RETENTION_DAYS = 36_525
+
+
+def _days(env: dict[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value > MAX_RETENTION_DAYS:
+        raise ConfigError(f"{name} must be at most {MAX_RETENTION_DAYS} (100 years), got {value}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str | None
@@ -69,6 +79,9 @@ class Settings:
     connect_burst_per_ip: int
     rest_rate_per_ip: int
     rest_burst_per_ip: int
+    # Days a punch (by `at`) and an audit row are kept; 0 keeps them for ever.
+    retention_punches_days: int
+    retention_audit_days: int
 
     @property
     def embedded(self) -> bool:
@@ -113,6 +126,8 @@ class Settings:
             connect_burst_per_ip=_int(env, "ATTENDANCE_CONNECT_BURST_PER_IP", 300, minimum=1),
             rest_rate_per_ip=_int(env, "ATTENDANCE_REST_RATE_PER_IP", 6000),
             rest_burst_per_ip=_int(env, "ATTENDANCE_REST_BURST_PER_IP", 1000, minimum=1),
+            retention_punches_days=_days(env, "ATTENDANCE_RETENTION_PUNCHES_DAYS", 2557),
+            retention_audit_days=_days(env, "ATTENDANCE_RETENTION_AUDIT_DAYS", 1096),
         )
 
 

@@ -92,6 +92,11 @@ LIMIT_REFUSALS = Counter(
     "Frames, handshakes, hellos and requests refused by an abuse limit, by limit.",
     ["limit"],
 )
+RETENTION_DELETED = Counter(
+    "attendance_retention_deleted_total",
+    "Rows deleted by retention, by table (punches, audit_log).",
+    ["table"],
+)
 HTTP_REQUESTS = Counter(
     "attendance_http_requests_total",
     "REST requests by route template and status.",

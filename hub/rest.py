@@ -39,6 +39,9 @@ DEVICE_TOKEN_TTL_S = 365 * 24 * 3600
 MAX_TOKEN_TTL_S = 400 * 24 * 3600
 MAX_PAGE = 10_000
 DEFAULT_PAGE = 1000
+MAX_AUDIT_PAGE = 1000
+DEFAULT_AUDIT_PAGE = 100
+MAX_AUDIT_FILTER = 200
 
 _STATUS_CODES = {
     400: "invalid",
@@ -548,6 +551,33 @@ class Api:
             body["next"] = _encode_cursor(last["at"], str(last["id"]))
         return json_response(body)
 
+    # -- audit log ------------------------------------------------------------
+
+    async def list_audit(self, request: Request) -> Response:
+        claims = self.claims(request, "admin")
+        query = request.query_params
+        for name in ("action", "target"):
+            value = query.get(name)
+            if value is not None and not 1 <= len(value) <= MAX_AUDIT_FILTER:
+                raise ApiError(400, f"`{name}` must be 1 to {MAX_AUDIT_FILTER} characters")
+        limit = _int_param(query.get("limit"), "limit", DEFAULT_AUDIT_PAGE, 1, MAX_AUDIT_PAGE)
+        after = _int_param(query.get("after"), "after", 0, 0, 2**63 - 1)
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            rows = await store.list_audit(
+                conn,
+                claims.tenant,
+                since=_time_param(query.get("since"), "since"),
+                action=query.get("action"),
+                target=query.get("target"),
+                after=after,
+                limit=limit + 1,
+            )
+        page = rows[:limit]
+        body: dict[str, Any] = {"entries": [_audit_json(r) for r in page]}
+        if len(rows) > limit:
+            body["next"] = page[-1]["seq"]
+        return json_response(body)
+
     # -- health -------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
@@ -624,3 +654,22 @@ def _punch_json(row: Any) -> dict[str, Any]:
     if row["method"] is not None:
         punch["method"] = row["method"]
     return punch
+
+
+def _audit_json(row: Any) -> dict[str, Any]:
+    entry = {
+        "seq": row["seq"],
+        "at": format_time(row["at"]),
+        "actor": row["actor"],
+        "role": row["role"],
+        "action": row["action"],
+        "target": row["target"],
+        "ip": row["ip"],
+        "user_agent": row["user_agent"],
+        "before": row["before"],
+        "after": row["after"],
+        "hash": row["hash"],
+    }
+    if row["redacted_at"] is not None:
+        entry["redacted_at"] = format_time(row["redacted_at"])
+    return entry

@@ -6,13 +6,15 @@ The punch path has its own batched SQL in workers/persist.py.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable
+import secrets
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
 
+from hub import audit
 from hub.types import Conn
 
 # The role the hub's pool acts as (migration 0004): no superuser, owns nothing, so the
@@ -42,6 +44,19 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 8) -> asyn
         init=init_connection,
         command_timeout=30,
         server_settings={"role": APP_ROLE},
+    )
+    assert pool is not None
+    return pool
+
+
+async def create_system_pool(dsn: str, *, min_size: int = 1, max_size: int = 2) -> asyncpg.Pool:
+    """A pool acting as the DSN's own user, outside row-level security.
+
+    For jobs that work across tenants on nobody's request (device revocations,
+    retention); request handling never uses it.
+    """
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=init_connection, command_timeout=30
     )
     assert pool is not None
     return pool
@@ -200,21 +215,181 @@ async def record_audit(
     user_agent: str | None,
     before: dict[str, Any] | None,
     after: dict[str, Any] | None,
-) -> None:
-    await conn.execute(
-        """INSERT INTO audit_log
-                  (tenant, actor, role, action, target, ip, user_agent, before, after)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+) -> int:
+    """Append one row to the tenant's audit chain and return its seq.
+
+    Locks the tenant's head row until the caller's transaction ends, so that appends of
+    one tenant take turns and never fork the chain; without a transaction, it opens one.
+    Take the lock last in a transaction, after the rows that the change itself locks.
+    """
+    async with _transaction(conn):
+        head = await conn.fetchrow(
+            """INSERT INTO audit_heads AS h (tenant, seq, hash, at, anchor_seq, anchor_hash)
+               VALUES ($1, 1, $2, clock_timestamp(), 0, $2)
+               ON CONFLICT (tenant) DO UPDATE
+                  SET seq = h.seq + 1, at = greatest(h.at, clock_timestamp())
+               RETURNING h.seq, h.hash AS prev_hash, h.at""",
+            tenant,
+            audit.GENESIS,
+        )
+        assert head is not None
+        salt = secrets.token_bytes(16)
+        entry = audit.Entry(
+            tenant=tenant,
+            seq=head["seq"],
+            at=head["at"],
+            actor=actor,
+            role=role,
+            action=action,
+            target=target,
+            ip=ip,
+            user_agent=user_agent,
+            content_digest=audit.content_digest(salt, before, after),
+        )
+        entry_hash = entry.hash(head["prev_hash"])
+        await conn.execute(
+            """WITH appended AS (
+                   INSERT INTO audit_log
+                          (tenant, seq, at, actor, role, action, target, ip, user_agent,
+                           before, after, content_digest, content_salt, prev_hash, hash)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15))
+               UPDATE audit_heads SET hash = $15 WHERE tenant = $1""",
+            tenant,
+            entry.seq,
+            entry.at,
+            actor,
+            role,
+            action,
+            target,
+            ip,
+            user_agent,
+            before,
+            after,
+            entry.content_digest,
+            salt,
+            head["prev_hash"],
+            entry_hash,
+        )
+    return entry.seq
+
+
+async def redact_audit(conn: Conn, tenant: str, *, target: str, fields: Collection[str]) -> int:
+    """Replace ``fields`` in before/after of the tenant's audit rows about ``target``.
+
+    For erasure: ``redact_audit(conn, tenant, target=f"employee:{id}", fields=("name",
+    "badge"))``. Each changed row keeps its digest and hash, loses its salt and gets
+    ``redacted_at``; `audit verify` then checks everything about it except before/after.
+    Returns how many rows changed.
+    """
+    async with _transaction(conn):
+        rows = await conn.fetch(
+            """SELECT seq, before, after FROM audit_log
+                WHERE tenant = $1 AND target = $2 ORDER BY seq FOR UPDATE""",
+            tenant,
+            target,
+        )
+        changes = []
+        for row in rows:
+            before = audit.redacted(row["before"], fields)
+            after = audit.redacted(row["after"], fields)
+            if (before, after) != (row["before"], row["after"]):
+                changes.append((tenant, row["seq"], before, after))
+        await conn.executemany(
+            """UPDATE audit_log
+                  SET before = $3, after = $4, content_salt = NULL, redacted_at = now()
+                WHERE tenant = $1 AND seq = $2""",
+            changes,
+        )
+    return len(changes)
+
+
+AUDIT_COLUMNS: Final = (
+    "seq, at, actor, role, action, target, ip, user_agent, before, after, hash, redacted_at"
+)
+
+
+async def list_audit(
+    conn: Conn,
+    tenant: str,
+    *,
+    since: datetime | None,
+    action: str | None,
+    target: str | None,
+    after: int,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """The tenant's audit rows with seq above ``after``, oldest first."""
+    return await conn.fetch(
+        f"""SELECT {AUDIT_COLUMNS} FROM audit_log
+             WHERE tenant = $1
+               AND seq > $2
+               AND ($3::timestamptz IS NULL OR at >= $3)
+               AND ($4::text IS NULL OR action = $4)
+               AND ($5::text IS NULL OR target = $5)
+             ORDER BY seq
+             LIMIT $6""",
         tenant,
-        actor,
-        role,
+        after,
+        since,
         action,
         target,
-        ip,
-        user_agent,
-        before,
-        after,
+        limit,
     )
+
+
+async def verify_audit(conn: Conn, tenant: str) -> audit.ChainReport:
+    """Recompute the tenant's audit chain from its anchor, in one snapshot."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head_row = await conn.fetchrow(
+            "SELECT seq, hash, anchor_seq, anchor_hash FROM audit_heads WHERE tenant = $1",
+            tenant,
+        )
+        head = audit.Head(**dict(head_row)) if head_row is not None else None
+        verifier = audit.ChainVerifier(tenant, head)
+        rows = conn.cursor(
+            """SELECT seq, at, actor, role, action, target, ip, user_agent, before, after,
+                      content_digest, content_salt, prev_hash, hash, redacted_at
+                 FROM audit_log
+                WHERE tenant = $1 AND seq > $2
+                ORDER BY seq""",
+            tenant,
+            head.anchor_seq if head else 0,
+            prefetch=1000,
+        )
+        async for row in rows:
+            stored = audit.StoredRow(
+                entry=audit.Entry(
+                    tenant=tenant,
+                    seq=row["seq"],
+                    at=row["at"],
+                    actor=row["actor"],
+                    role=row["role"],
+                    action=row["action"],
+                    target=row["target"],
+                    ip=row["ip"],
+                    user_agent=row["user_agent"],
+                    content_digest=row["content_digest"],
+                ),
+                before=row["before"],
+                after=row["after"],
+                content_salt=row["content_salt"],
+                prev_hash=row["prev_hash"],
+                hash=row["hash"],
+                redacted=row["redacted_at"] is not None,
+            )
+            if not verifier.feed(stored):
+                break
+        return verifier.finish()
+
+
+@asynccontextmanager
+async def _transaction(conn: Conn) -> AsyncIterator[None]:
+    """The caller's transaction if there is one, else a new one."""
+    if conn.is_in_transaction():
+        yield
+        return
+    async with conn.transaction():
+        yield
 
 
 async def list_punches(

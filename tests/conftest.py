@@ -90,6 +90,25 @@ def database(pg_server: str) -> Iterator[str]:
         asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture
+async def scratch_db(pg_server: str) -> AsyncIterator[str]:
+    """A new, empty database for one test, dropped afterwards."""
+    name = f"attendance_scratch_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield make_dsn(pg_server, name)
+    finally:
+        admin = await asyncpg.connect(pg_server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
 @pytest.fixture(scope="session")
 def hub_process(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     """One real `attendance-hub serve` (uvicorn) against the test database, shared by tests."""

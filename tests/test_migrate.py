@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from hub.migrate import Migration, bundled_migrations, migrate
-from tests.support import make_dsn
 
 pytestmark = pytest.mark.postgres
 
@@ -28,25 +26,6 @@ FAKE = [
         "INSERT INTO shifts VALUES (1, 'hq'); INSERT INTO shift_notes VALUES (1, 'opening')",
     ),
 ]
-
-
-@pytest.fixture
-async def scratch_db(pg_server: str) -> AsyncIterator[str]:
-    """A new, empty database, dropped afterwards."""
-    name = f"attendance_migrate_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield make_dsn(pg_server, name)
-    finally:
-        admin = await asyncpg.connect(pg_server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @pytest.fixture

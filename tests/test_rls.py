@@ -51,10 +51,17 @@ async def twins(owner: asyncpg.Connection) -> AsyncIterator[tuple[str, str]]:
             uuid.uuid4(),
             now,
         )
-        await owner.execute(
-            """INSERT INTO audit_log (tenant, actor, role, action, target)
-               VALUES ($1, 'admin', 'admin', 'site.put', 'hq')""",
-            slug,
+        await store.record_audit(
+            owner,
+            tenant=slug,
+            actor="admin",
+            role="admin",
+            action="site.put",
+            target="site:hq",
+            ip=None,
+            user_agent=None,
+            before=None,
+            after={"id": "hq"},
         )
     yield a, b
 

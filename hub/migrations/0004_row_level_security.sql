@@ -34,6 +34,9 @@ GRANT EXECUTE ON FUNCTION attendance_tenants() TO attendance_app;
 GRANT SELECT ON tenants TO attendance_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON sites, employees, devices, punches TO attendance_app;
 GRANT SELECT, INSERT ON audit_log TO attendance_app;
+-- Erasure redacts personal data in the audit trail; nothing else of a row may change.
+GRANT UPDATE (before, after, redacted_at, content_salt) ON audit_log TO attendance_app;
+GRANT SELECT, INSERT, UPDATE ON audit_heads TO attendance_app;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO attendance_app;
 
 ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
@@ -58,4 +61,8 @@ CREATE POLICY tenant_isolation ON punches TO attendance_app
 
 ALTER TABLE audit_log ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON audit_log TO attendance_app
+    USING (tenant = ANY (attendance_tenants())) WITH CHECK (tenant = ANY (attendance_tenants()));
+
+ALTER TABLE audit_heads ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON audit_heads TO attendance_app
     USING (tenant = ANY (attendance_tenants())) WITH CHECK (tenant = ANY (attendance_tenants()));
