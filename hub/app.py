@@ -206,6 +206,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/employees", api.list_employees, methods=["GET"]),
         Route("/v1/employees/{employee}", api.put_employee, methods=["PUT"]),
         Route("/v1/employees/{employee}", api.get_employee, methods=["GET"]),
+        Route("/v1/employees/{employee}", api.delete_employee, methods=["DELETE"]),
         Route("/v1/devices", api.list_devices, methods=["GET"]),
         Route("/v1/devices/{device}", api.put_device, methods=["PUT"]),
         Route("/v1/devices/{device}", api.delete_device, methods=["DELETE"]),

@@ -258,6 +258,12 @@ class Api:
         employee = self.path_id(request, "employee")
         body = await self.body(request, EmployeeBody)
         values = {"name": body.name, "site": body.site, "badge": body.badge}
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            erased = await store.get_row(conn, "employees", "erased_at", claims.tenant, employee)
+        if erased is not None and erased["erased_at"] is not None:
+            raise ApiError(
+                409, f"employee {employee!r} was erased; give the person a new id", "erased"
+            )
         after, created = await self._put_audited(
             request,
             claims,
@@ -309,11 +315,45 @@ class Api:
         employee = self.path_id(request, "employee")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             row = await store.get_row(
-                conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, employee
+                conn, "employees", store.EMPLOYEE_COLUMNS + ", erased_at", claims.tenant, employee
             )
-        if row is None or not claims.sees_site(row["site"]):
+        if row is None or row.pop("erased_at") is not None or not claims.sees_site(row["site"]):
             raise ApiError(404, f"no employee {employee!r}")
         return json_response(row)
+
+    async def delete_employee(self, request: Request) -> Response:
+        """Erase an employee's personal data (GDPR), keeping the punch facts.
+
+        The name and badge go from the employee's row and from every audit row about the
+        employee; the id stays, because the punches, which labour law says to keep, hang
+        on it. Erasing twice is harmless.
+        """
+        claims = self.claims(request, "admin")
+        employee = self.path_id(request, "employee")
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            row = await store.get_row(
+                conn, "employees", "id, site, erased_at", claims.tenant, employee, lock=True
+            )
+            if row is None:
+                raise ApiError(404, f"no employee {employee!r}")
+            if row["erased_at"] is None:
+                await store.erase_employee(conn, claims.tenant, employee)
+                target = f"employee:{employee}"
+                await store.redact_audit(
+                    conn, claims.tenant, target=target, fields=store.ERASED_FIELDS
+                )
+                # The erasure's own audit row names neither.
+                await self.audit(
+                    conn,
+                    request,
+                    claims,
+                    "employee.erase",
+                    target,
+                    {"id": employee, "site": row["site"]},
+                    {"id": employee, "erased": True},
+                )
+            punches = await store.count_punches(conn, claims.tenant, employee)
+        return json_response({"employee": employee, "erased": True, "punches_kept": punches})
 
     async def list_employees(self, request: Request) -> Response:
         claims = self.claims(request, "admin", "supervisor")
@@ -404,8 +444,10 @@ class Api:
                 version = device["token_version"]
             if body.role == "employee":
                 employee = body.employee or body.sub
-                row = await store.get_row(conn, "employees", "id", claims.tenant, employee)
-                if row is None:
+                row = await store.get_row(
+                    conn, "employees", "id, erased_at", claims.tenant, employee
+                )
+                if row is None or row["erased_at"] is not None:
                     raise ApiError(400, f"no employee {employee!r}", "unknown_employee")
             if body.role == "supervisor":
                 for wanted in body.sites or []:

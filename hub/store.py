@@ -183,6 +183,27 @@ async def find_employee(
     return dict(row) if row is not None else None
 
 
+# What erasure removes from an employee's row and from the audit rows about the employee.
+ERASED_FIELDS: Final = ("name", "badge")
+
+
+async def erase_employee(conn: Conn, tenant: str, employee: str) -> None:
+    await conn.execute(
+        """UPDATE employees SET name = '[erased]', badge = NULL, erased_at = now(),
+                  updated_at = now()
+            WHERE tenant = $1 AND id = $2 AND erased_at IS NULL""",
+        tenant,
+        employee,
+    )
+
+
+async def count_punches(conn: Conn, tenant: str, employee: str) -> int:
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM punches WHERE tenant = $1 AND employee = $2", tenant, employee
+    )
+    return count
+
+
 async def device_token_version(conn: Conn, tenant: str, device: str) -> int | None:
     version: int | None = await conn.fetchval(
         "SELECT token_version FROM devices WHERE tenant = $1 AND id = $2", tenant, device
