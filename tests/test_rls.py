@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
 
 from hub import store
 from hub.migrate import migrate
+from workers import persist
+from workers.persist import PunchRequest
 
 pytestmark = pytest.mark.postgres
 
@@ -175,3 +179,38 @@ async def test_the_pool_forgets_a_session_tenant_on_release(
             assert await conn.fetchval("SELECT count(*) FROM employees") == 0
     finally:
         await pool.close()
+
+
+async def test_the_batch_statement_probes_employees_by_index_under_the_policies(
+    owner: asyncpg.Connection, app_conn: asyncpg.Connection
+) -> None:
+    """A policy written as `tenant = ANY (...)` made the planner scan `employees` per punch."""
+    slug = f"rls-plan-{uuid.uuid4().hex[:8]}"
+    await store.ensure_tenant(owner, slug, slug, "UTC")
+    await owner.execute(
+        "INSERT INTO sites (tenant, id, name, timezone) VALUES ($1, 'hq', 'HQ', 'UTC')", slug
+    )
+    await owner.execute(
+        """INSERT INTO employees (tenant, id, name, site)
+           SELECT $1, 'e' || n, 'E', 'hq' FROM generate_series(1, 1000) AS n""",
+        slug,
+    )
+    now = datetime.now(UTC)
+    batch = [
+        PunchRequest(slug, uuid.uuid4(), "in", now, now, "terminal", employee=f"e{n}", site="hq")
+        for n in range(1, 513)
+    ]
+    await store.act_for_tenants(app_conn, [slug])
+    plan = await app_conn.fetchval(f"EXPLAIN (FORMAT JSON) {persist._COMMIT_SQL}", batch)
+    scans = [
+        (node["Node Type"], node.get("Index Name"))
+        for node in _nodes(json.loads(plan)[0]["Plan"])
+        if node.get("Relation Name") == "employees"
+    ]
+    assert scans and all(kind == "Index Scan" for kind, _ in scans), scans
+
+
+def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _nodes(child)
