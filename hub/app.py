@@ -60,6 +60,8 @@ class Hub:
         # request asks for, such as following device revocations.
         self._system_pool: asyncpg.Pool | None = None
         self._following: asyncio.Task[None] | None = None
+        # Tenants known to exist, so that a signed token of a missing tenant is refused.
+        self._tenants: set[str] = set()
         self._batcher: PunchBatcher | None = None
         self._retention: RetentionJob | None = None
 
@@ -123,6 +125,21 @@ class Hub:
         for pool in (self._pool, self._system_pool):
             if pool is not None:
                 await pool.close()
+
+    async def tenant_exists(self, tenant: str) -> bool:
+        """Whether the tenant a verified token names exists; tenants are never deleted."""
+        if tenant in self._tenants:
+            return True
+        async with self.system_pool.acquire() as conn:
+            found = await conn.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant)
+        if found is not None:
+            self._tenants.add(tenant)
+        return found is not None
+
+    @property
+    def system_pool(self) -> asyncpg.Pool:
+        assert self._system_pool is not None, "the hub has not started"
+        return self._system_pool
 
     def _retire_device(self, tenant: str, device: str, version: int) -> None:
         """Close the sockets of a device whose tokens were just revoked or replaced."""

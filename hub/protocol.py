@@ -24,7 +24,8 @@ AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
 PunchKind = Literal["in", "out", "break_start", "break_end"]
 PunchMethod = Literal["badge", "pin", "face", "fingerprint", "mobile", "manual"]
 AckStatus = Literal["accepted", "duplicate", "rejected"]
-Badge = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# PostgreSQL text cannot hold U+0000, and a badge is stored when it resolves nothing.
+Badge = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[^\x00]+$")]
 
 
 class Geo(msgspec.Struct, forbid_unknown_fields=True):
@@ -171,6 +172,8 @@ class Codec:
             raise FrameError(_describe(exc), self._read_ref(payload)) from None
         except RecursionError:
             raise FrameError("the frame is nested too deeply", None) from None
+        except UnicodeDecodeError:
+            raise FrameError("strings must be valid UTF-8", None) from None
         return frame
 
     def encode(self, frame: ServerFrame) -> bytes:
@@ -180,7 +183,7 @@ class Codec:
     def _read_ref(self, payload: bytes | str) -> str | None:
         try:
             found: _RefOnly = self._ref_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
             return None
         return found.ref if isinstance(found.ref, str) else None
 

@@ -152,7 +152,7 @@ class Api:
 
     # -- plumbing ---------------------------------------------------------
 
-    def claims(self, request: Request, *roles: Role) -> Claims:
+    async def claims(self, request: Request, *roles: Role) -> Claims:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -161,6 +161,8 @@ class Api:
             claims = self.hub.auth.verify(token.strip())
         except TokenError as exc:
             raise ApiError(401, str(exc)) from None
+        if not await self.hub.tenant_exists(claims.tenant):
+            raise ApiError(401, f"the token's tenant {claims.tenant!r} does not exist")
         if roles and claims.role not in roles:
             raise ApiError(403, f"a {claims.role} token may not do this")
         return claims
@@ -178,11 +180,15 @@ class Api:
                 raise ApiError(413, f"the body is larger than {limit} bytes")
             chunks.append(chunk)
         try:
-            return msgspec.json.decode(b"".join(chunks), type=kind)
+            decoded = msgspec.json.decode(b"".join(chunks), type=kind)
         except msgspec.ValidationError as exc:
             raise ApiError(400, f"invalid body: {exc}") from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        if _has_nul(msgspec.to_builtins(decoded)):
+            # PostgreSQL text cannot hold U+0000.
+            raise ApiError(400, "text in the body may not contain the NUL character (\\u0000)")
+        return decoded
 
     def path_id(self, request: Request, name: str) -> str:
         value: str = request.path_params[name]
@@ -217,7 +223,7 @@ class Api:
     # -- sites, employees, devices -----------------------------------------
 
     async def put_site(self, request: Request) -> Response:
-        claims = self.claims(request, "admin")
+        claims = await self.claims(request, "admin")
         site = self.path_id(request, "site")
         body = await self.body(request, SiteBody)
         _valid_timezone(body.timezone)
@@ -237,7 +243,7 @@ class Api:
         return json_response(after, 201 if before is None else 200)
 
     async def get_site(self, request: Request) -> Response:
-        claims = self.claims(request, "admin", "supervisor")
+        claims = await self.claims(request, "admin", "supervisor")
         site = self.path_id(request, "site")
         if not claims.sees_site(site):
             raise ApiError(403, f"this token does not cover site {site!r}")
@@ -248,13 +254,13 @@ class Api:
         return json_response(row)
 
     async def list_sites(self, request: Request) -> Response:
-        claims = self.claims(request, "admin", "supervisor")
+        claims = await self.claims(request, "admin", "supervisor")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             rows = await store.list_rows(conn, "sites", store.SITE_COLUMNS, claims.tenant)
         return json_response({"sites": [r for r in rows if claims.sees_site(r["id"])]})
 
     async def put_employee(self, request: Request) -> Response:
-        claims = self.claims(request, "admin")
+        claims = await self.claims(request, "admin")
         employee = self.path_id(request, "employee")
         body = await self.body(request, EmployeeBody)
         values = {"name": body.name, "site": body.site, "badge": body.badge}
@@ -311,7 +317,7 @@ class Api:
         return after, before is None
 
     async def get_employee(self, request: Request) -> Response:
-        claims = self.claims(request, "admin", "supervisor")
+        claims = await self.claims(request, "admin", "supervisor")
         employee = self.path_id(request, "employee")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             row = await store.get_row(
@@ -328,7 +334,7 @@ class Api:
         employee; the id stays, because the punches, which labour law says to keep, hang
         on it. Erasing twice is harmless.
         """
-        claims = self.claims(request, "admin")
+        claims = await self.claims(request, "admin")
         employee = self.path_id(request, "employee")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             row = await store.get_row(
@@ -356,7 +362,7 @@ class Api:
         return json_response({"employee": employee, "erased": True, "punches_kept": punches})
 
     async def list_employees(self, request: Request) -> Response:
-        claims = self.claims(request, "admin", "supervisor")
+        claims = await self.claims(request, "admin", "supervisor")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             rows = await store.list_rows(
                 conn, "employees", store.EMPLOYEE_COLUMNS, claims.tenant, "AND erased_at IS NULL"
@@ -364,7 +370,7 @@ class Api:
         return json_response({"employees": [r for r in rows if claims.sees_site(r["site"])]})
 
     async def put_device(self, request: Request) -> Response:
-        claims = self.claims(request, "admin")
+        claims = await self.claims(request, "admin")
         device = self.path_id(request, "device")
         body = await self.body(request, DeviceBody)
         values = {"site": body.site, "name": body.name or device, "adms_sn": body.adms_sn}
@@ -396,7 +402,7 @@ class Api:
 
     async def delete_device(self, request: Request) -> Response:
         """Revoke a device: its tokens stop working and its sockets are closed (4001)."""
-        claims = self.claims(request, "admin")
+        claims = await self.claims(request, "admin")
         device = self.path_id(request, "device")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             before = await store.get_row(
@@ -413,7 +419,7 @@ class Api:
         return json_response({"device": device, "revoked": True})
 
     async def list_devices(self, request: Request) -> Response:
-        claims = self.claims(request, "admin", "supervisor")
+        claims = await self.claims(request, "admin", "supervisor")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             rows = await store.list_rows(conn, "devices", store.DEVICE_COLUMNS, claims.tenant)
         return json_response({"devices": [r for r in rows if claims.sees_site(r["site"])]})
@@ -421,7 +427,7 @@ class Api:
     # -- tokens -------------------------------------------------------------
 
     async def post_token(self, request: Request) -> Response:
-        claims = self.claims(request, "admin")
+        claims = await self.claims(request, "admin")
         body = await self.body(request, TokenBody)
         if body.role not in ROLES:
             raise ApiError(400, f"role must be one of {', '.join(ROLES)}")
@@ -486,7 +492,7 @@ class Api:
         It never changes a stored punch: it is stored beside the original under its own
         id, with `source` manual, its `reason` and the correcting `actor`.
         """
-        claims = self.claims(request, "admin", "supervisor")
+        claims = await self.claims(request, "admin", "supervisor")
         body = await self.body(request, CorrectionBody)
         if (body.employee is None) == (body.badge is None):
             raise ApiError(400, "give exactly one of `employee` or `badge`")
@@ -553,7 +559,7 @@ class Api:
         return json_response(answer, 201 if outcome.status == "accepted" else 200)
 
     async def list_punches(self, request: Request) -> Response:
-        claims = self.claims(request, "admin", "supervisor", "employee")
+        claims = await self.claims(request, "admin", "supervisor", "employee")
         query = request.query_params
         employee = query.get("employee")
         site = query.get("site")
@@ -596,12 +602,14 @@ class Api:
     # -- audit log ------------------------------------------------------------
 
     async def list_audit(self, request: Request) -> Response:
-        claims = self.claims(request, "admin")
+        claims = await self.claims(request, "admin")
         query = request.query_params
         for name in ("action", "target"):
             value = query.get(name)
             if value is not None and not 1 <= len(value) <= MAX_AUDIT_FILTER:
                 raise ApiError(400, f"`{name}` must be 1 to {MAX_AUDIT_FILTER} characters")
+            if value is not None and _has_nul(value):
+                raise ApiError(400, f"`{name}` may not contain the NUL character")
         limit = _int_param(query.get("limit"), "limit", DEFAULT_AUDIT_PAGE, 1, MAX_AUDIT_PAGE)
         after = _int_param(query.get("after"), "after", 0, 0, 2**63 - 1)
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
@@ -663,6 +671,15 @@ def _time_param(raw: str | None, name: str) -> datetime | None:
         moment = None
     if moment is None or moment.tzinfo is None:
         raise ApiError(400, f"`{name}` must be an RFC 3339 time with an offset")
+    return _with_utc_instant(moment, name)
+
+
+def _with_utc_instant(moment: datetime, name: str) -> datetime:
+    """``moment`` if it has a UTC instant (0001-01-01T00:00+05:00 has none), else a 400."""
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise ApiError(400, f"`{name}` is outside the range of UTC times") from None
     return moment
 
 
@@ -675,7 +692,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at_text, punch_id = raw.split("|", 1)
-        return datetime.fromisoformat(at_text), str(uuid.UUID(punch_id))
+        at = _with_utc_instant(datetime.fromisoformat(at_text), "after")
+        return at, str(uuid.UUID(punch_id))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "`after` is not a cursor this API returned") from None
 
@@ -715,3 +733,13 @@ def _audit_json(row: Any) -> dict[str, Any]:
     if row["redacted_at"] is not None:
         entry["redacted_at"] = format_time(row["redacted_at"])
     return entry
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False

@@ -40,6 +40,7 @@ from hub.session import (
     Session,
     SubmitPunch,
 )
+from hub.tokens import TokenError
 from hub.wsproto import CORK_EXTENSION
 from workers.persist import PunchOutcome, StoreUnavailable
 
@@ -202,6 +203,15 @@ class Connection:
                 self._act(self.session.bad_frame(str(exc), exc.ref, now))
                 continue
             metrics.FRAMES_IN[str(frame.__struct_config__.tag)] += 1
+            if (
+                hello_deadline is not None
+                and isinstance(frame, p.Hello)
+                and not await self._tenant_exists(frame.token)
+            ):
+                missing = "the token's tenant does not exist"
+                self.send(p.Error(code="bad_token", message=missing, ref=frame.ref))
+                self.close(CLOSE_BAD_TOKEN, "bad_token")
+                return
             self._act(self.session.receive(frame, now))
             if self.session.claims is not None and hello_deadline is not None:
                 hello_deadline = None
@@ -209,6 +219,14 @@ class Connection:
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()
                 self._watch_expiry()
+
+    async def _tenant_exists(self, token: str) -> bool:
+        """False only for a valid token whose tenant does not exist; the session judges the rest."""
+        try:
+            claims = self.hub.tokens.verify(token)
+        except TokenError:
+            return True
+        return await self.hub.tenant_exists(claims.tenant)
 
     def _watch_expiry(self) -> None:
         """Close with 4001 when the token expires, unless a `refresh` extended it meanwhile."""
