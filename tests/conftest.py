@@ -20,6 +20,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from hub import store
+from hub.migrate import migrate
 from tests.support import HubProcess, TenantKit, make_dsn, provisioned_tenant, running_hub
 
 REQUIRE_SERVICES = os.environ.get("ATTENDANCE_TEST_REQUIRE_SERVICES") == "1"
@@ -122,3 +124,13 @@ async def tenant(hub_process: HubProcess, database: str) -> AsyncIterator[Tenant
     """A new tenant with a site `hq`, employees e1..e3 (badges b1..b3) and terminal `door`."""
     async with provisioned_tenant(hub_process.base_url, database, TEST_SECRET, "t") as kit:
         yield kit
+
+
+@pytest.fixture
+async def owner(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as the database's owner: migrations, set-up, and looking behind RLS."""
+    conn = await asyncpg.connect(database)
+    await store.init_connection(conn)
+    await migrate(conn)
+    yield conn
+    await conn.close()

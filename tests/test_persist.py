@@ -11,20 +11,9 @@ import asyncpg
 import pytest
 
 from hub import store
-from hub.migrate import migrate
 from workers.persist import PunchBatcher, PunchRequest
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-async def owner(database: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection as the database's owner: migrations, set-up, and looking behind RLS."""
-    conn = await asyncpg.connect(database)
-    await store.init_connection(conn)
-    await migrate(conn)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture

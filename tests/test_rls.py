@@ -12,22 +12,12 @@ import asyncpg
 import pytest
 
 from hub import store
-from hub.migrate import migrate
 from workers import persist
 from workers.persist import PunchRequest
 
 pytestmark = pytest.mark.postgres
 
 TWINS = ("rls-a", "rls-b")
-
-
-@pytest.fixture
-async def owner(database: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database)
-    await store.init_connection(conn)
-    await migrate(conn)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture
