@@ -24,7 +24,13 @@ from hub import metrics, store
 from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.config import Settings
-from hub.limits import AddressLimiter, OriginPolicy, TenantConnections, client_address
+from hub.limits import (
+    AddressLimiter,
+    FloodMemory,
+    OriginPolicy,
+    TenantConnections,
+    client_address,
+)
 from hub.migrate import migrate
 from hub.protocol import SUBPROTOCOLS, Codec
 from hub.rest import Api, ApiError, error_response
@@ -49,6 +55,7 @@ class Hub:
         self.codecs = {name: Codec(name) for name in SUBPROTOCOLS}
         self.connections: set[Connection] = set()
         self.tenant_connections = TenantConnections(settings.max_connections_per_tenant)
+        self.floods = FloodMemory()
         self.origins = OriginPolicy(settings.allowed_origins)
         self.connect_attempts = AddressLimiter(
             settings.connect_rate_per_ip, settings.connect_burst_per_ip

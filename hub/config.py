@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.limits import normalize_origin
+from hub.limits import FLOOD_WINDOW_S, normalize_origin
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,17 @@ class Settings:
         redis_url = env.get("ATTENDANCE_REDIS_URL") or None
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("ATTENDANCE_REDIS_URL must start with redis://, rediss:// or unix://")
+        rate_per_s = _int(env, "ATTENDANCE_RATE_PER_S", 50)
+        rate_flood = _int(env, "ATTENDANCE_RATE_FLOOD", 100)
+        if rate_per_s and rate_flood >= rate_per_s * FLOOD_WINDOW_S:
+            # A connection over its rate is read no faster than the rate: a flood limit this
+            # high would never be reached.
+            raise ConfigError(
+                f"ATTENDANCE_RATE_FLOOD ({rate_flood}) must be below ATTENDANCE_RATE_PER_S x "
+                f"{FLOOD_WINDOW_S:g} ({rate_per_s * FLOOD_WINDOW_S:g}): a connection over its "
+                "rate is read no faster than the rate, so it could never be refused that often "
+                f"within {FLOOD_WINDOW_S:g} s"
+            )
         return cls(
             database_url=database_url,
             redis_url=redis_url,
@@ -116,9 +127,9 @@ class Settings:
             send_queue_frames=_int(env, "ATTENDANCE_SEND_QUEUE_FRAMES", 1024, minimum=16),
             db_pool_size=_int(env, "ATTENDANCE_DB_POOL_SIZE", 8, minimum=2),
             allowed_origins=_origins(env, "ATTENDANCE_ALLOWED_ORIGINS"),
-            rate_per_s=_int(env, "ATTENDANCE_RATE_PER_S", 50),
+            rate_per_s=rate_per_s,
             rate_burst=_int(env, "ATTENDANCE_RATE_BURST", 200, minimum=1),
-            rate_flood=_int(env, "ATTENDANCE_RATE_FLOOD", 100),
+            rate_flood=rate_flood,
             max_connections_per_tenant=_int(
                 env, "ATTENDANCE_MAX_CONNECTIONS_PER_TENANT", 10_000, minimum=1
             ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -108,6 +108,61 @@ class FrameLimiter:
         if len(refused) > self.flood:
             return Verdict.FLOOD
         return Verdict.REFUSE
+
+    def retry_after(self, now: float) -> float:
+        """Seconds from ``now`` until the next frame would pass (0 if it would now)."""
+        return self._bucket.retry_after(now)
+
+    def settled_at(self) -> float:
+        """When this limiter is as good as new: its bucket full, its refusals out of the window."""
+        refused = self._refused
+        quiet = refused[-1] + FLOOD_WINDOW_S if refused else float("-inf")
+        return max(self._bucket.full_at(), quiet)
+
+
+class FloodMemory:
+    """The limiters of connections closed for flooding, by identity, until they settle.
+
+    A client closed with 4008 that reconnects at once must not start again from a
+    full bucket and a clean record: that would let a runaway client turn every
+    reconnection into another burst. Its new connection carries on with the closed
+    one's limiter (``recall``), until that limiter is as good as new and is forgotten.
+    At most ``max_entries`` identities are remembered; the least recently closed go first.
+    """
+
+    def __init__(self, max_entries: int = MAX_ADDRESSES) -> None:
+        self.max_entries = max_entries
+        self._limiters: OrderedDict[Hashable, FrameLimiter] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._limiters)
+
+    def remember(self, identity: Hashable, limiter: FrameLimiter, now: float) -> None:
+        limiters = self._limiters
+        limiters[identity] = limiter
+        limiters.move_to_end(identity)
+        while len(limiters) > self.max_entries:
+            limiters.popitem(last=False)
+        self._forget_settled(now)
+
+    def recall(self, identity: Hashable, now: float) -> FrameLimiter | None:
+        """The limiter to carry on with, or None if this identity may start afresh."""
+        self._forget_settled(now)
+        limiter = self._limiters.get(identity)
+        if limiter is not None and limiter.settled_at() <= now:
+            del self._limiters[identity]
+            return None
+        return limiter
+
+    def _forget_settled(self, now: float) -> None:
+        limiters = self._limiters
+        # A settled limiter may sit behind an unsettled one; this trims from the oldest end
+        # only, which keeps the table bounded in time, and recall checks the one it finds.
+        while limiters:
+            identity, oldest = next(iter(limiters.items()))
+            if oldest.settled_at() > now:
+                break
+            del limiters[identity]
 
 
 class AddressLimiter:

@@ -17,7 +17,7 @@ import msgspec
 
 from hub import protocol as p
 from hub.auth import Authenticator
-from hub.limits import FLOOD_WINDOW_S, FrameLimiter, TenantConnections, Verdict
+from hub.limits import FLOOD_WINDOW_S, FloodMemory, FrameLimiter, TenantConnections, Verdict
 from hub.tokens import Claims, TokenError
 from workers.persist import FUTURE_TOLERANCE, PunchRequest, Source
 
@@ -74,15 +74,23 @@ class LimitReached(msgspec.Struct, frozen=True):
     limit: str
 
 
-Action = Send | SubmitPunch | Close | LimitReached
+class Pause(msgspec.Struct, frozen=True):
+    """Read nothing more from this client for ``seconds``: it is over its rate until then."""
+
+    seconds: float
+
+
+Action = Send | SubmitPunch | Close | LimitReached | Pause
 
 
 class Session:
     """One connection's protocol state.
 
-    ``limiter`` (optional) caps this session's frame rate. ``tenants`` (optional) caps
-    the sessions per tenant: a slot is taken at ``hello`` and given back by ``closed``,
-    so the transport must call ``closed`` however the connection ends.
+    ``limiter`` (optional) caps this session's frame rate. ``floods`` (optional) remembers
+    the limiters of sessions closed for flooding, so that the same identity reconnecting
+    carries on with it instead of a fresh one. ``tenants`` (optional) caps the sessions
+    per tenant: a slot is taken at ``hello`` and given back by ``closed``, so the
+    transport must call ``closed`` however the connection ends.
     """
 
     def __init__(
@@ -91,6 +99,7 @@ class Session:
         *,
         heartbeat_s: int,
         limiter: FrameLimiter | None = None,
+        floods: FloodMemory | None = None,
         tenants: TenantConnections | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
@@ -100,6 +109,7 @@ class Session:
         self._heartbeat_s = heartbeat_s
         self._bad_frames: deque[datetime] = deque()
         self._limiter = limiter
+        self._floods = floods
         self._tenants = tenants
         self._tenant_slot: str | None = None
 
@@ -111,7 +121,7 @@ class Session:
             verdict = limiter.check(now.timestamp())
             if verdict is not Verdict.PASS:
                 punch_id = frame.id if isinstance(frame, p.Punch) else None
-                return self._rate_limited(limiter, verdict, frame.ref, punch_id)
+                return self._rate_limited(limiter, verdict, frame.ref, punch_id, now)
         if self.state is SessionState.AWAITING_HELLO:
             if not isinstance(frame, p.Hello):
                 return self._close(
@@ -160,7 +170,7 @@ class Session:
         if limiter is not None:
             verdict = limiter.check(now.timestamp())
             if verdict is not Verdict.PASS:
-                return self._rate_limited(limiter, verdict, ref, None)
+                return self._rate_limited(limiter, verdict, ref, None, now)
         self._bad_frames.append(now)
         while self._bad_frames and now - self._bad_frames[0] > BAD_FRAME_WINDOW:
             self._bad_frames.popleft()
@@ -178,13 +188,24 @@ class Session:
             self._tenant_slot = None
 
     def _rate_limited(
-        self, limiter: FrameLimiter, verdict: Verdict, ref: str | None, punch_id: uuid.UUID | None
+        self,
+        limiter: FrameLimiter,
+        verdict: Verdict,
+        ref: str | None,
+        punch_id: uuid.UUID | None,
+        now: datetime,
     ) -> list[Action]:
-        """Refuse a frame over the rate; a punch's error carries its id, so it is resent later."""
+        """Refuse a frame over the rate; a punch's error carries its id, so it is resent later.
+
+        The transport then reads nothing from this client until the next frame would
+        pass: a client sending faster than that is slowed by TCP, at no cost to the hub.
+        """
         pace = f"send at most {limiter.rate_per_s} frames per second (bursts of {limiter.burst})"
         subject = "frame" if punch_id is None else f"punch {punch_id}"
         if verdict is Verdict.FLOOD:
             self.state = SessionState.CLOSED
+            if self._floods is not None and self.claims is not None:
+                self._floods.remember(_identity(self.claims), limiter, now.timestamp())
             message = (
                 f"{subject} not processed and the connection closed: more than "
                 f"{limiter.flood} frames over the rate limit within {FLOOD_WINDOW_S:g} s; "
@@ -199,6 +220,7 @@ class Session:
         return [
             LimitReached("frame_rate"),
             Send(p.Error(code="rate_limited", message=message, ref=ref, id=punch_id)),
+            Pause(limiter.retry_after(now.timestamp())),
         ]
 
     def _hello(self, hello: p.Hello, now: datetime) -> list[Action]:
@@ -220,6 +242,11 @@ class Session:
                     ),
                 ]
             self._tenant_slot = claims.tenant
+        if self._floods is not None:
+            # Closed for flooding a moment ago: carry on from where that connection stopped.
+            recalled = self._floods.recall(_identity(claims), now.timestamp())
+            if recalled is not None:
+                self._limiter = recalled
         self.claims = claims
         self.state = SessionState.OPEN
         welcome = p.Welcome(

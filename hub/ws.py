@@ -36,6 +36,7 @@ from hub.session import (
     Action,
     Close,
     LimitReached,
+    Pause,
     Send,
     Session,
     SubmitPunch,
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # How long a stalled client gets to take its close frame before the socket is dropped.
 ABORT_AFTER_S = 2.0
+# A connection handing in a burst gives the event loop to the others after this many frames.
+YIELD_EVERY_FRAMES = 16
 
 
 class Connection:
@@ -79,6 +82,7 @@ class Connection:
             hub.auth,
             heartbeat_s=settings.heartbeat_s,
             limiter=limiter,
+            floods=hub.floods,
             tenants=hub.tenant_connections,
         )
         self._outbox: deque[bytes | tuple[int, str]] = deque()
@@ -87,6 +91,8 @@ class Connection:
         self._closing = False
         self._role = "anonymous"
         self._writer: asyncio.Task[None] | None = None
+        # While the client is over its rate, nothing is read from it until this (loop time).
+        self._paused_until = 0.0
 
     async def run(self) -> None:
         writer = self._writer = asyncio.create_task(
@@ -173,7 +179,17 @@ class Connection:
         loop = asyncio.get_running_loop()
         hello_deadline: float | None = loop.time() + self.hub.settings.hello_timeout_s
         receive = self._receive
+        frames = 0
         while not self._closing:
+            pause = self._paused_until - loop.time()
+            if pause > 0:
+                # Its frames wait in the socket buffers meanwhile, and then TCP slows it down.
+                await asyncio.sleep(pause)
+                continue
+            frames += 1
+            if frames % YIELD_EVERY_FRAMES == 0:
+                # receive() does not suspend while frames are waiting: let the others in.
+                await asyncio.sleep(0)
             try:
                 if hello_deadline is None:
                     message = await receive()
@@ -255,6 +271,8 @@ class Connection:
                     self.close(code, reason)
                 case LimitReached(limit=limit):
                     metrics.refusals(limit).inc()
+                case Pause(seconds=seconds):
+                    self._paused_until = asyncio.get_running_loop().time() + seconds
 
     def _submit(self, action: SubmitPunch) -> None:
         punch_id = action.request.id

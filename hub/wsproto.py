@@ -1,4 +1,5 @@
-"""uvicorn's sans-I/O WebSocket protocol, letting the application cork its writes.
+"""uvicorn's sans-I/O WebSocket protocol, letting the application cork its writes,
+parsing no further ahead of the application than it must, and shutting out flooders.
 
 Under ASGI every ``websocket.send`` becomes its own ``transport.write``, which
 the transport turns into its own ``send()`` syscall while its buffer is empty.
@@ -7,7 +8,18 @@ per ack was the largest single cost in the hub's profile. This protocol's
 transport can be corked: while corked it collects what is written, and
 uncorking hands it to the real transport in one piece. The application gets
 ``cork`` and ``uncork`` through the ASGI scope's extensions, under
-``CORK_EXTENSION``; nothing else about uvicorn's protocol changes.
+``CORK_EXTENSION``.
+
+uvicorn stops reading a socket while the application has a message it has not
+taken, but it parses all of what one read returned (up to 256 KiB, thousands of
+small frames) first, and once the application has sent a close frame it reads
+and parses everything the client still sends while it waits for the client's
+close frame. For a client the hub has stopped reading because it is over its
+rate, or has closed for flooding, that is exactly the work the limit is meant to
+spare. So this protocol hands the parser at most ``PARSE_SLICE`` bytes at a time
+and keeps the rest until the application has taken what was parsed; and after a
+close for abuse (``SHUT_OUT_CODES``) it sends the close frame and a FIN, reads
+nothing more, and closes the socket after ``SHUT_OUT_LINGER_S``.
 """
 
 from __future__ import annotations
@@ -16,10 +28,17 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
 CORK_EXTENSION: Final = "attendance.cork"
+# Bytes of input handed to the WebSocket parser at a time.
+PARSE_SLICE: Final = 4 * 1024
+# Closes for abuse (flood, slow consumer): nothing the client sends afterwards is parsed.
+SHUT_OUT_CODES: Final = frozenset({4008, 4009})
+# How long a shut-out client's socket stays open for the close frame to reach it.
+SHUT_OUT_LINGER_S: Final = 2.0
 
 
 class CorkableTransport(asyncio.Transport):
@@ -114,7 +133,72 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.corkable = CorkableTransport(cast(asyncio.Transport, transport))
+        # Input read from the socket but not parsed yet.
+        self.backlog = bytearray()
+        self.shut_out = False
         super().connection_made(self.corkable)
+
+    def data_received(self, data: bytes) -> None:
+        if self.shut_out:
+            return
+        if not self.backlog and len(data) <= PARSE_SLICE:
+            super().data_received(data)
+            return
+        self.backlog += data
+        self._parse_backlog()
+
+    def _parse_backlog(self) -> None:
+        """Parse slices of the backlog until a message waits for the application (or none is left).
+
+        uvicorn sets ``read_paused`` and pauses the transport when it queues a message,
+        so a backlog is left over only while the transport is paused: it stays bounded
+        by one read.
+        """
+        backlog = self.backlog
+        while backlog and not self.read_paused and not self.shut_out:
+            piece = bytes(backlog[:PARSE_SLICE])
+            del backlog[:PARSE_SLICE]
+            super().data_received(piece)
+
+    async def receive(self) -> ASGIReceiveEvent:
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty() and not self.shut_out:
+            self.read_paused = False
+            # What was read but not parsed comes first; it may queue a message and pause again.
+            self._parse_backlog()
+            if not self.read_paused:
+                self.transport.resume_reading()
+        return message
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if (
+            message["type"] == "websocket.close"
+            and message.get("code") in SHUT_OUT_CODES
+            and self.handshake_complete
+            and self.close_sent
+            and not self.shut_out
+        ):
+            self._shut_out()
+
+    def _shut_out(self) -> None:
+        """After a close for abuse: send a FIN, read nothing more, close the socket soon.
+
+        Not reading keeps the client's flood in its own buffers, and TCP stops it.
+        """
+        self.shut_out = True
+        self.backlog.clear()
+        self.stop_keepalive()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.read_paused = True
+        transport.pause_reading()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(SHUT_OUT_LINGER_S, transport.close)
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

@@ -27,6 +27,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.postgres
 
+RATE_PER_S = 10
 RATE_BURST = 10
 RATE_FLOOD = 20
 TENANT_CAP = 3
@@ -38,7 +39,7 @@ def limited_hub(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     env = {
         "ATTENDANCE_DATABASE_URL": database,
         "ATTENDANCE_SECRET": TEST_SECRET,
-        "ATTENDANCE_RATE_PER_S": "2",
+        "ATTENDANCE_RATE_PER_S": str(RATE_PER_S),
         "ATTENDANCE_RATE_BURST": str(RATE_BURST),
         "ATTENDANCE_RATE_FLOOD": str(RATE_FLOOD),
         "ATTENDANCE_MAX_CONNECTIONS_PER_TENANT": str(TENANT_CAP),
@@ -62,6 +63,13 @@ async def refusal_count(base_url: str, limit: str) -> float:
     return float(line.removeprefix(prefix))
 
 
+async def device_token(kit: TenantKit, name: str) -> str:
+    """A terminal of its own (the hub remembers a flooder by its identity)."""
+    response = await kit.http.put(f"/v1/devices/{name}", json={"site": "hq", "name": name})
+    assert response.status_code == 201, response.text
+    return str(response.json()["token"])
+
+
 async def frames_until_closed(client: Client) -> tuple[list[dict[str, Any]], int | None]:
     """Every frame the hub sends from now on, and the close code it ends with."""
     frames = []
@@ -80,7 +88,7 @@ async def test_a_flood_is_refused_and_closed_4008_while_a_calm_client_gets_every
 ) -> None:
     flood_before = await refusal_count(limited_hub.base_url, "frame_flood")
     calm = await kit.connect()
-    flooder = await kit.connect()
+    flooder = await kit.connect(await device_token(kit, "flooder"))
     sent: list[str] = []
 
     async def flood() -> None:
@@ -125,6 +133,49 @@ async def test_a_flood_is_refused_and_closed_4008_while_a_calm_client_gets_every
     # The calm client is still served.
     assert (await calm.punch(punch_frame("e2")))["status"] == "accepted"
     await calm.close()
+
+
+async def test_a_client_over_its_rate_is_read_no_faster_than_the_rate(kit: TenantKit) -> None:
+    flooder = await kit.connect(await device_token(kit, "runaway"))
+    # All at once, more than it takes to be closed: they wait in the socket buffers.
+    for n in range(RATE_BURST + 4 * RATE_FLOOD):
+        await flooder.send({"type": "ping", "ref": f"p{n}"})
+    loop = asyncio.get_running_loop()
+    refused_at: list[float] = []
+    try:
+        while True:
+            frame = await flooder.recv()
+            if frame.get("code") == "rate_limited":
+                refused_at.append(loop.time())
+    except websockets.ConnectionClosed as closed:
+        assert closed.rcvd is not None and closed.rcvd.code == 4008
+    # After each refusal the hub reads nothing until the next frame would pass (1/rate s),
+    # so the flood limit is reached no sooner than that many pauses after the first refusal.
+    # A hub that read on regardless would refuse all of them within milliseconds.
+    assert len(refused_at) == RATE_FLOOD + 1
+    assert refused_at[-1] - refused_at[0] >= 0.75 * RATE_FLOOD / RATE_PER_S
+
+
+async def test_a_flooder_that_reconnects_carries_on_where_it_was_closed(kit: TenantKit) -> None:
+    token = await device_token(kit, "reconnecting")
+    flooder = await kit.connect(token)
+    for n in range(RATE_BURST + 2 * RATE_FLOOD):
+        await flooder.send({"type": "ping", "ref": f"p{n}"})
+    _, code = await frames_until_closed(flooder)
+    assert code == 4008
+    # Straight back: no fresh burst, and still over the flood limit, so its first punch
+    # after hello is refused and the connection closed again.
+    again = await kit.connect(token)
+    frame = punch_frame("e1", ref="again")
+    await again.send(frame)
+    answers, code = await frames_until_closed(again)
+    assert code == 4008
+    assert [(a["code"], a["id"]) for a in answers] == [("rate_limited", frame["id"])]
+    assert await kit.stored(frame["id"]) == {}
+    # Another terminal of the same tenant is not affected.
+    other = await kit.connect(await device_token(kit, "neighbour"))
+    assert (await other.punch(punch_frame("e2")))["status"] == "accepted"
+    await other.close()
 
 
 async def test_a_frame_over_the_rate_keeps_the_connection(kit: TenantKit) -> None:

@@ -57,3 +57,15 @@ def test_bursts_and_the_tenant_cap_are_at_least_one(name: str) -> None:
 def test_rates_and_the_flood_limit_may_be_zero(name: str, field: str) -> None:
     # A rate of 0 turns that limit off; a flood limit of 0 closes at the first refusal.
     assert getattr(Settings.from_env({name: "0"}), field) == 0
+
+
+@pytest.mark.parametrize(("rate", "flood"), [("5", "50"), ("1", "10"), ("5", "1000")])
+def test_a_flood_limit_the_rate_could_never_reach_is_refused(rate: str, flood: str) -> None:
+    env = {"ATTENDANCE_RATE_PER_S": rate, "ATTENDANCE_RATE_FLOOD": flood}
+    with pytest.raises(ConfigError, match=r"ATTENDANCE_RATE_FLOOD .* must be below"):
+        Settings.from_env(env)
+
+
+def test_a_flood_limit_within_reach_of_the_rate_is_taken() -> None:
+    env = {"ATTENDANCE_RATE_PER_S": "5", "ATTENDANCE_RATE_FLOOD": "49"}
+    assert Settings.from_env(env).rate_flood == 49

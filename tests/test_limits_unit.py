@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hub.limits import (
     FLOOD_WINDOW_S,
     AddressLimiter,
+    FloodMemory,
     FrameLimiter,
     OriginPolicy,
     TenantConnections,
@@ -133,6 +134,78 @@ def test_a_client_that_waits_after_each_refusal_is_never_a_flood() -> None:
         now += 0.01 if verdict is Verdict.PASS else 1.0
     assert Verdict.REFUSE in verdicts
     assert Verdict.FLOOD not in verdicts
+
+
+def test_retry_after_a_refusal_is_the_time_to_the_next_pass() -> None:
+    limiter = FrameLimiter(rate_per_s=4, burst=1, flood=10)
+    limiter.check(T0)
+    assert limiter.check(T0) is Verdict.REFUSE
+    wait = limiter.retry_after(T0)
+    assert wait == pytest.approx(0.25)
+    assert limiter.check(T0 + wait) is Verdict.PASS
+
+
+def test_a_client_paced_by_the_pauses_is_a_flood_once_the_refusals_add_up() -> None:
+    # What the hub does to a client that sends regardless: read one frame, and after a
+    # refusal nothing until the next would pass. Half its frames are refused, at the rate.
+    limiter = FrameLimiter(rate_per_s=50, burst=200, flood=100)
+    now, refused = T0, 0
+    while (verdict := limiter.check(now)) is not Verdict.FLOOD:
+        if verdict is Verdict.REFUSE:
+            refused += 1
+            now += limiter.retry_after(now)
+    assert refused == 100
+    assert now - T0 == pytest.approx(100 / 50, abs=0.05)
+
+
+def test_a_limiter_settles_when_its_bucket_is_full_and_its_refusals_have_left_the_window() -> None:
+    limiter = FrameLimiter(rate_per_s=1, burst=3, flood=10)
+    assert limiter.settled_at() <= T0
+    for _ in range(4):
+        limiter.check(T0)
+    # Full after 3 s, but the refusal at T0 counts for FLOOD_WINDOW_S.
+    assert limiter.settled_at() == pytest.approx(T0 + FLOOD_WINDOW_S)
+    quiet = FrameLimiter(rate_per_s=1, burst=3, flood=10)
+    for _ in range(3):
+        quiet.check(T0)
+    assert quiet.settled_at() == pytest.approx(T0 + 3)
+
+
+# -- flood memory --------------------------------------------------------------------------------
+
+
+def flooded_limiter(at: float) -> FrameLimiter:
+    limiter = FrameLimiter(rate_per_s=1, burst=1, flood=1)
+    while limiter.check(at) is not Verdict.FLOOD:
+        pass
+    return limiter
+
+
+def test_a_flooders_limiter_is_recalled_until_it_settles() -> None:
+    memory = FloodMemory()
+    limiter = flooded_limiter(T0)
+    memory.remember("door", limiter, T0)
+    assert memory.recall("door", T0 + 1) is limiter
+    assert memory.recall("other door", T0 + 1) is None
+    assert memory.recall("door", limiter.settled_at() + 0.01) is None
+    assert len(memory) == 0
+
+
+def test_settled_limiters_are_forgotten_whoever_is_asked_about() -> None:
+    memory = FloodMemory()
+    memory.remember("old", flooded_limiter(T0), T0)
+    memory.remember("new", flooded_limiter(T0 + 5), T0 + 5)
+    memory.recall("anyone", T0 + FLOOD_WINDOW_S + 1)
+    assert len(memory) == 1
+    assert memory.recall("new", T0 + FLOOD_WINDOW_S + 1) is not None
+
+
+def test_flood_memory_never_holds_more_than_max_entries() -> None:
+    memory = FloodMemory(max_entries=3)
+    for n in range(10):
+        memory.remember(n, flooded_limiter(T0), T0)
+    assert len(memory) == 3
+    assert [memory.recall(n, T0) is not None for n in (0, 6, 7, 8, 9)] == [False] * 2 + [True] * 3
 
 
 # -- per-address limiter -------------------------------------------------------------------------

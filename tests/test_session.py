@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry, DeviceState
-from hub.limits import FrameLimiter, TenantConnections
+from hub.limits import FLOOD_WINDOW_S, FloodMemory, FrameLimiter, TenantConnections
 from hub.session import (
     BAD_FRAME_LIMIT,
     BAD_FRAME_WINDOW,
@@ -25,6 +25,7 @@ from hub.session import (
     Close,
     IllegalTransition,
     LimitReached,
+    Pause,
     Send,
     Session,
     SessionState,
@@ -424,14 +425,26 @@ def limited(rate_per_s: int = 1, burst: int = 3, flood: int = 5) -> FrameLimiter
     return FrameLimiter(rate_per_s=rate_per_s, burst=burst, flood=flood)
 
 
-def refused(actions: list[Any], ref: str | None = None, punch_id: uuid.UUID | None = None) -> None:
-    """Assert the actions are exactly: count a refusal, send `rate_limited`; nothing processed."""
-    assert len(actions) == 2, actions
+def refused(
+    actions: list[Any],
+    ref: str | None = None,
+    punch_id: uuid.UUID | None = None,
+    pause: float = 1.0,
+    rate: int = 1,
+) -> None:
+    """Assert the actions are exactly: count a refusal, send `rate_limited`, stop reading.
+
+    Nothing is processed. With a rate of 1 frame/s and an empty bucket, the next
+    frame passes in 1 s, so the transport is told to read nothing for ``pause`` s.
+    """
+    assert len(actions) == 3, actions
     assert actions[0] == LimitReached("frame_rate")
     assert isinstance(actions[1], Send) and isinstance(actions[1].frame, p.Error)
     error = actions[1].frame
     assert (error.code, error.ref, error.id) == ("rate_limited", ref, punch_id)
-    assert "1 frames per second" in error.message
+    assert f"{rate} frames per second" in error.message
+    assert isinstance(actions[2], Pause)
+    assert actions[2].seconds == pytest.approx(pause, abs=1e-5)
 
 
 def test_frames_over_the_rate_get_rate_limited_and_are_not_processed() -> None:
@@ -486,6 +499,65 @@ def test_frames_at_the_sustained_rate_are_never_refused() -> None:
     for n in range(1, 500):
         at = start + timedelta(milliseconds=200 * n)
         assert [type(a) for a in session.receive(punch(at), at)] == [SubmitPunch], n
+
+
+def test_the_pause_lasts_until_the_next_frame_would_pass() -> None:
+    moment = now()
+    session = opened(TERMINAL, moment, limiter=limited(rate_per_s=4, burst=1))
+    quarter = timedelta(seconds=0.25)
+    refused(session.receive(p.Ping(), moment), pause=0.25, rate=4)
+    refused(session.receive(p.Ping(), moment + quarter * 0.6), pause=0.1, rate=4)
+    # A client that waited out the pause gets its next frame through.
+    assert [type(a) for a in session.receive(p.Ping(), moment + quarter)] == [Send]
+
+
+def flooded(session: Session, at: datetime) -> None:
+    """Send pings until the session closes for flooding."""
+    for _ in range(1000):
+        actions = session.receive(p.Ping(), at)
+        if session.state is SessionState.CLOSED:
+            assert actions[0] == LimitReached("frame_flood")
+            assert actions[-1] == Close(CLOSE_FLOOD, "rate_limited")
+            return
+    raise AssertionError("the session never closed")
+
+
+def test_reconnecting_after_a_flood_carries_on_with_the_closed_connections_limiter() -> None:
+    moment = now()
+    floods = FloodMemory()
+    first = opened(TERMINAL, moment, limiter=limited(burst=3, flood=5), floods=floods)
+    flooded(first, moment)
+    first.closed()
+    # A fresh connection would get a full bucket; this one is refused and closed at once.
+    again = opened(TERMINAL, moment, limiter=limited(burst=3, flood=5), floods=floods)
+    actions = again.receive(punch(moment, ref="p"), moment)
+    assert actions[0] == LimitReached("frame_flood")
+    assert again.state is SessionState.CLOSED
+    # Other identities are not affected.
+    other = opened(EMPLOYEE, moment, limiter=limited(burst=3, flood=5), floods=floods)
+    assert [type(a) for a in other.receive(p.Ping(), moment)] == [Send]
+
+
+def test_a_flooder_that_stays_away_until_its_limiter_settles_starts_afresh() -> None:
+    moment = now()
+    floods = FloodMemory()
+    flooded(opened(TERMINAL, moment, limiter=limited(burst=3, flood=5), floods=floods), moment)
+    assert len(floods) == 1
+    # The bucket (3 tokens at 1/s) is full after 3 s; the refusals leave the window later.
+    early = moment + timedelta(seconds=FLOOD_WINDOW_S - 1)
+    probation = opened(TERMINAL, early, limiter=limited(burst=3, flood=5), floods=floods)
+    for _ in range(3):
+        assert [type(a) for a in probation.receive(p.Ping(), early)] == [Send]
+    assert probation.receive(p.Ping(), early)[0] == LimitReached("frame_flood")
+    # That refusal is remembered in turn; once it too has left the window, all is forgotten.
+    settled = early + timedelta(seconds=FLOOD_WINDOW_S + 0.1)
+    fresh = opened(TERMINAL, settled, limiter=limited(burst=3, flood=5), floods=floods)
+    assert len(floods) == 0
+    # Its own bucket, of which hello took one token.
+    for _ in range(2):
+        assert [type(a) for a in fresh.receive(p.Ping(), settled)] == [Send]
+    refused(fresh.receive(p.Ping(), settled))
+    assert fresh.state is SessionState.OPEN
 
 
 def test_the_rate_applies_before_hello_too() -> None:
