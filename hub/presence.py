@@ -1,0 +1,238 @@
+"""Who is on which floor, as pure state: committed punches in, versioned deltas out.
+
+No I/O and no clock: the hub feeds in punches after they are committed (and,
+on start, the latest punch of every employee from PostgreSQL), and carries
+out what comes back.
+
+The rules (PROTOCOL section 4):
+
+* A punch moves its employee to a state: ``in`` and ``break_end`` to ``in``,
+  ``break_start`` to ``break``, ``out`` to ``out``.
+* An employee's state, ``since`` and site are those of their latest punch by
+  ``at`` (ties broken by punch id), whatever order punches arrive in: an older
+  punch arriving late from an offline queue never overwrites a newer state.
+* Odd sequences (``in`` while in, ``out`` while out, ``break_end`` without a
+  ``break_start``...) still move the state, as the punch says; they are only
+  flagged on the punch, never refused.
+
+Each site's floor is a channel, ``presence:<site>``, with one gapless version
+sequence. Every change to the floor is a delta carrying exactly the next
+version; a bounded log of recent deltas lets a client that missed a range
+catch up, and otherwise it gets a snapshot. Snapshots and deltas come from the
+same state, so a snapshot at version v plus the deltas after v always equals
+the snapshot at the later version.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Final, Literal
+
+import msgspec
+
+State = Literal["in", "break", "out"]
+
+STATE_AFTER: Final[dict[str, State]] = {
+    "in": "in",
+    "break_end": "in",
+    "break_start": "break",
+    "out": "out",
+}
+
+# A punch that makes sense after the state it finds leaves no flag.
+_EXPECTED: Final[dict[str, frozenset[State]]] = {
+    "in": frozenset({"out"}),
+    "out": frozenset({"in", "break"}),
+    "break_start": frozenset({"in"}),
+    "break_end": frozenset({"break"}),
+}
+
+# Deltas kept per channel for clients that reconnect with `since`.
+LOG_LENGTH: Final = 1024
+
+
+class PresencePunch(msgspec.Struct, frozen=True):
+    """A committed punch, as presence needs it."""
+
+    id: uuid.UUID
+    employee: str
+    name: str
+    site: str
+    kind: str
+    at: datetime
+
+
+class Member(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One employee as a ``presence:`` channel shows them (PROTOCOL section 4).
+
+    In a delta, a member whose ``state`` is ``out`` (and not ``late``) has left
+    this floor: the client removes them.
+    """
+
+    employee: str
+    name: str
+    state: State
+    since: datetime
+    site: str
+    late: bool = False
+
+
+class Delta(msgspec.Struct, frozen=True):
+    channel: str
+    version: int
+    changes: tuple[Member, ...]
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    channel: str
+    version: int
+    members: tuple[Member, ...]
+
+
+class _Latest(msgspec.Struct):
+    """An employee's latest punch by (at, id): it decides their state."""
+
+    at: datetime
+    id: uuid.UUID
+    state: State
+    site: str
+    name: str
+
+
+def flag_for(previous: State | None, kind: str) -> str | None:
+    """The flag an odd punch gets, given the state it found; None if it is not odd.
+
+    An employee with no punch yet counts as ``out``.
+    """
+    found: State = previous or "out"
+    if found in _EXPECTED[kind]:
+        return None
+    return f"{kind}_while_{found}"
+
+
+def channel_name(site: str) -> str:
+    return f"presence:{site}"
+
+
+class Channel:
+    """One site's floor: its version, and the recent deltas that led to it."""
+
+    def __init__(self, name: str, version: int) -> None:
+        self.name = name
+        self.version = version
+        self._log: deque[Delta] = deque(maxlen=LOG_LENGTH)
+
+    def record(self, changes: tuple[Member, ...]) -> Delta:
+        self.version += 1
+        delta = Delta(self.name, self.version, changes)
+        self._log.append(delta)
+        return delta
+
+    def since(self, version: int) -> list[Delta] | None:
+        """The deltas after ``version``, or None if they are not all in the log any more."""
+        if version == self.version:
+            return []
+        if version > self.version or not self._log:
+            return None
+        first = self._log[0].version
+        if version < first - 1:
+            return None
+        return list(self._log)[version - first + 1 :]
+
+
+class TenantFloor:
+    """Every site's floor of one tenant.
+
+    ``base_version`` starts every channel's sequence: pick one larger than any
+    version handed out before (the hub uses the time of start in microseconds),
+    so a client holding a version from an earlier run gets a snapshot rather
+    than deltas that do not follow from what it has.
+    """
+
+    def __init__(self, base_version: int) -> None:
+        self._base = base_version
+        self._latest: dict[str, _Latest] = {}
+        self._channels: dict[str, Channel] = {}
+
+    def channel(self, site: str) -> Channel:
+        channel = self._channels.get(site)
+        if channel is None:
+            channel = self._channels[site] = Channel(channel_name(site), self._base)
+        return channel
+
+    def state_of(self, employee: str) -> State | None:
+        latest = self._latest.get(employee)
+        return None if latest is None else latest.state
+
+    def load(self, punches: Iterable[PresencePunch]) -> None:
+        """Take punches as the state to start from: no deltas, no flags."""
+        for punch in punches:
+            self._take(punch)
+
+    def apply(self, punch: PresencePunch) -> tuple[str | None, list[Delta]]:
+        """A committed punch: its flag (None if not odd) and the deltas it causes, in order.
+
+        A punch older than the employee's latest changes nothing: no deltas, and the
+        flag ``out_of_order``.
+        """
+        before = self._latest.get(punch.employee)
+        if before is not None and (punch.at, punch.id) <= (before.at, before.id):
+            if punch.id == before.id:
+                return None, []
+            return "out_of_order", []
+        flag = flag_for(None if before is None else before.state, punch.kind)
+        after = self._take(punch)
+        was_here = before is not None and before.state != "out"
+        deltas = []
+        if before is not None and was_here and before.site != after.site:
+            # Gone from the floor it was on.
+            gone = Member(punch.employee, punch.name, "out", punch.at, before.site)
+            deltas.append(self.channel(before.site).record((gone,)))
+        if after.state != "out" or (before is not None and was_here and before.site == after.site):
+            deltas.append(self.channel(after.site).record((_member(punch.employee, after),)))
+        return flag, deltas
+
+    def snapshot(self, site: str) -> Snapshot:
+        channel = self.channel(site)
+        members = tuple(
+            sorted(
+                (
+                    _member(employee, latest)
+                    for employee, latest in self._latest.items()
+                    if latest.site == site and latest.state != "out"
+                ),
+                key=lambda m: m.employee,
+            )
+        )
+        return Snapshot(channel.name, channel.version, members)
+
+    def _take(self, punch: PresencePunch) -> _Latest:
+        latest = _Latest(punch.at, punch.id, STATE_AFTER[punch.kind], punch.site, punch.name)
+        before = self._latest.get(punch.employee)
+        if before is None or (latest.at, latest.id) > (before.at, before.id):
+            self._latest[punch.employee] = latest
+            return latest
+        return before
+
+
+def _member(employee: str, latest: _Latest) -> Member:
+    return Member(employee, latest.name, latest.state, latest.at, latest.site)
+
+
+def replay(members: Iterable[Member], deltas: Iterable[Delta]) -> tuple[Member, ...]:
+    """What a client shows after a snapshot's members and then the deltas that follow it.
+
+    A change replaces the employee's entry; one that says ``out`` (and not late)
+    removes it. Used by clients, and by the tests to check snapshots against deltas.
+    """
+    shown = {member.employee: member for member in members}
+    for delta in deltas:
+        for change in delta.changes:
+            if change.state == "out" and not change.late:
+                shown.pop(change.employee, None)
+            else:
+                shown[change.employee] = change
+    return tuple(sorted(shown.values(), key=lambda m: m.employee))
