@@ -31,13 +31,14 @@ from hub.limits import (
     TenantConnections,
     client_address,
 )
+from hub.live import FLAG_SQL, Flag, Live
 from hub.migrate import migrate
 from hub.protocol import SUBPROTOCOLS, Codec
 from hub.rest import Api, ApiError, error_response
 from hub.session import CLOSE_BAD_TOKEN
 from hub.tokens import TokenError, TokenIssuer
 from hub.ws import Connection, websocket_endpoint
-from workers.persist import PunchBatcher
+from workers.persist import PunchBatcher, PunchOutcome, PunchRequest
 from workers.retention import RetentionJob
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class Hub:
         )
         self.rest_requests = AddressLimiter(settings.rest_rate_per_ip, settings.rest_burst_per_ip)
         self.draining = False
+        # Versions start at the start time in microseconds: above any an earlier run gave out.
+        self.live = Live(base_version=time.time_ns() // 1000)
+        self._sites: set[tuple[str, str]] = set()
+        self._flagging: set[asyncio.Task[None]] = set()
         self._pool: asyncpg.Pool | None = None
         # As the DSN's user, not the application role: for work across tenants that no
         # request asks for, such as following device revocations.
@@ -96,6 +101,8 @@ class Hub:
         self._system_pool = await store.create_system_pool(self.dsn)
         async with self._system_pool.acquire() as conn:
             await self.devices.refresh(conn)
+            placed = await self.live.load(conn)
+        log.info("presence rebuilt from PostgreSQL: %d employees placed", placed)
         self._following = asyncio.create_task(
             self.devices.follow(self._system_pool), name="device-revocations"
         )
@@ -104,6 +111,7 @@ class Hub:
             max_batch=self.settings.batch_max,
             wait_ms=self.settings.batch_wait_ms,
             concurrency=self.settings.batch_concurrency,
+            on_committed=self.committed,
         )
         self._batcher.start()
         # Retention deletes across tenants: the system pool, not the application role.
@@ -129,9 +137,44 @@ class Hub:
             await self._retention.stop()
         if self._batcher is not None:
             await self._batcher.stop()
+        if self._flagging:
+            await asyncio.gather(*self._flagging, return_exceptions=True)
         for pool in (self._pool, self._system_pool):
             if pool is not None:
                 await pool.close()
+
+    def committed(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
+        """Punches just committed (by the batcher or a correction): move presence, keep flags."""
+        flags = self.live.committed(stored)
+        if flags:
+            task = asyncio.create_task(self._store_flags(flags))
+            self._flagging.add(task)
+            task.add_done_callback(self._flagging.discard)
+
+    async def _store_flags(self, flags: list[Flag]) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await store.act_for_tenants(conn, {flag.tenant for flag in flags})
+                await conn.execute(
+                    FLAG_SQL,
+                    [flag.tenant for flag in flags],
+                    [flag.id for flag in flags],
+                    [flag.flag for flag in flags],
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not flag %d punches: %s", len(flags), exc)
+
+    async def site_exists(self, tenant: str, site: str) -> bool:
+        """Whether the tenant has this site; sites are never deleted."""
+        if (tenant, site) in self._sites:
+            return True
+        async with store.tenant_transaction(self.pool, tenant) as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM sites WHERE tenant = $1 AND id = $2", tenant, site
+            )
+        if found is not None:
+            self._sites.add((tenant, site))
+        return found is not None
 
     async def tenant_exists(self, tenant: str) -> bool:
         """Whether the tenant a verified token names exists; tenants are never deleted."""
@@ -238,6 +281,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/punches", api.list_punches, methods=["GET"]),
         Route("/v1/punches", api.post_punch, methods=["POST"]),
         Route("/v1/audit", api.list_audit, methods=["GET"]),
+        Route("/v1/presence/{site}", api.get_presence, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -130,7 +130,44 @@ class Drain(_ServerFrame, tag="drain"):
     reconnect_after_ms: int
 
 
-ServerFrame = Welcome | Ack | Pong | Refreshed | Error | Drain
+class Subscribed(_ServerFrame, tag="subscribed"):
+    channel: str
+    version: int
+    recovered: bool
+    ref: str | None = None
+
+
+class Unsubscribed(_ServerFrame, tag="unsubscribed"):
+    channel: str
+    ref: str | None = None
+
+
+class PresenceMember(msgspec.Struct, omit_defaults=True):
+    """A member of a ``presence:`` channel; ``late`` only appears when true."""
+
+    employee: str
+    name: str
+    state: str
+    since: str
+    site: str
+    late: bool = False
+
+
+class Snapshot(_ServerFrame, tag="snapshot"):
+    channel: str
+    version: int
+    members: list[PresenceMember]
+
+
+class Delta(_ServerFrame, tag="delta"):
+    channel: str
+    version: int
+    changes: list[PresenceMember]
+
+
+ServerFrame = (
+    Welcome | Ack | Pong | Refreshed | Error | Drain | Subscribed | Unsubscribed | Snapshot | Delta
+)
 
 
 class _RefOnly(msgspec.Struct):
@@ -198,6 +235,15 @@ def _describe(exc: Exception) -> str:
     ):
         return "frame needs a `type` field"
     return text
+
+
+def is_entity_id(value: str) -> bool:
+    """Whether ``value`` is a valid id of a site, employee or device."""
+    try:
+        msgspec.convert(value, EntityId)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 def format_time(moment: datetime) -> str:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from hub import store
 from hub.auth import DeviceState
+from hub.live import snapshot_frame
 from hub.protocol import (
     AwareTime,
     Badge,
@@ -25,6 +26,7 @@ from hub.protocol import (
     PunchKind,
     PunchMethod,
     format_time,
+    is_entity_id,
 )
 from hub.tokens import ROLES, Claims, Role, TokenError
 from hub.types import Conn
@@ -556,7 +558,23 @@ class Api:
                         "reason": body.reason,
                     },
                 )
+        if outcome.status == "accepted":
+            # Committed with the audit row: now the floor may change.
+            self.hub.committed([(punch, outcome)])
         return json_response(answer, 201 if outcome.status == "accepted" else 200)
+
+    # -- presence -------------------------------------------------------------
+
+    async def get_presence(self, request: Request) -> Response:
+        """The snapshot a `presence:<site>` subscriber gets."""
+        claims = await self.claims(request, "admin", "supervisor", "terminal")
+        site = self.path_id(request, "site")
+        if not claims.sees_site(site):
+            raise ApiError(403, f"this token may not read the presence of site {site!r}")
+        if not await self.hub.site_exists(claims.tenant, site):
+            raise ApiError(404, f"no site {site!r}")
+        snapshot = snapshot_frame(self.hub.live.floor(claims.tenant).snapshot(site))
+        return Response(msgspec.json.encode(snapshot), media_type="application/json")
 
     async def list_punches(self, request: Request) -> Response:
         claims = await self.claims(request, "admin", "supervisor", "employee")
@@ -564,7 +582,7 @@ class Api:
         employee = query.get("employee")
         site = query.get("site")
         for name, value in (("employee", employee), ("site", site)):
-            if value is not None and not _is_entity_id(value):
+            if value is not None and not is_entity_id(value):
                 raise ApiError(400, f"`{name}` is not a valid id")
         if claims.role == "employee":
             if employee not in (None, claims.employee):
@@ -644,14 +662,6 @@ class Api:
                 503,
             )
         return json_response({"status": "ready"})
-
-
-def _is_entity_id(value: str) -> bool:
-    try:
-        msgspec.convert(value, EntityId)
-    except msgspec.ValidationError:
-        return False
-    return True
 
 
 def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:

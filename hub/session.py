@@ -80,7 +80,23 @@ class Pause(msgspec.Struct, frozen=True):
     seconds: float
 
 
-Action = Send | SubmitPunch | Close | LimitReached | Pause
+class Join(msgspec.Struct, frozen=True):
+    """Subscribe this session to ``channel`` (its role may): answer ``subscribed`` and catch up."""
+
+    channel: str
+    since: int | None
+    ref: str | None
+
+
+class Leave(msgspec.Struct, frozen=True):
+    channel: str
+    ref: str | None
+
+
+Action = Send | SubmitPunch | Close | LimitReached | Pause | Join | Leave
+
+# Channels with a site after the colon; `me` has none.
+SITE_CHANNELS: Final = ("presence", "terminals", "alerts")
 
 
 class Session:
@@ -146,16 +162,17 @@ class Session:
                 return [Send(p.Pong(server_time=p.format_time(now), t=t, ref=ref))]
             case p.Refresh():
                 return self._refresh(frame, claims)
-            case p.Subscribe() | p.Unsubscribe():
-                return [
-                    Send(
-                        p.Error(
-                            code="unknown_channel",
-                            message=f"no channel {frame.channel!r} is available on this hub",
-                            ref=frame.ref,
-                        )
-                    )
-                ]
+            case p.Subscribe(channel=channel, since=since, ref=ref):
+                refusal = channel_refusal(claims, channel)
+                if refusal is not None:
+                    return [Send(p.Error(code=refusal[0], message=refusal[1], ref=ref))]
+                return [Join(channel, since, ref)]
+            case p.Unsubscribe(channel=channel, ref=ref):
+                refusal = channel_refusal(claims, channel)
+                if refusal is not None and refusal[0] == "unknown_channel":
+                    return [Send(p.Error(code=refusal[0], message=refusal[1], ref=ref))]
+                # Leaving what one never joined (or may not join) is harmless: done.
+                return [Leave(channel, ref)]
             case p.Hello():
                 return [
                     Send(p.Error(code="bad_frame", message="already said hello", ref=frame.ref))
@@ -318,6 +335,30 @@ class Session:
     def _close(self, code: int, error_code: str, message: str, ref: str | None) -> list[Action]:
         self.state = SessionState.CLOSED
         return [Send(p.Error(code=error_code, message=message, ref=ref)), Close(code, error_code)]
+
+
+def channel_refusal(claims: Claims, channel: str) -> tuple[str, str] | None:
+    """Why ``claims`` may not subscribe to ``channel`` (an error code and message), or None.
+
+    Admins may subscribe to every channel of their tenant, supervisors to those of
+    their sites, terminals to ``presence:`` of their own site, employees to ``me``.
+    """
+    kind, colon, site = channel.partition(":")
+    if channel == "me":
+        if claims.role == "employee":
+            return None
+        return "forbidden", "`me` is an employee's own channel"
+    if not colon or kind not in SITE_CHANNELS or not p.is_entity_id(site):
+        return (
+            "unknown_channel",
+            f"no channel {channel!r}: channels are `presence:<site>`, `terminals:<site>`, "
+            "`alerts:<site>` and `me`",
+        )
+    if claims.role == "terminal" and kind != "presence":
+        return "forbidden", f"a terminal may subscribe only to presence:{claims.site}"
+    if not claims.sees_site(site):
+        return "forbidden", f"this token may not subscribe to {channel}"
+    return None
 
 
 def _reject(punch: p.Punch, reason: str, now: datetime) -> list[Action]:

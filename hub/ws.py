@@ -35,6 +35,8 @@ from hub.session import (
     CLOSE_SLOW_CONSUMER,
     Action,
     Close,
+    Join,
+    Leave,
     LimitReached,
     Pause,
     Send,
@@ -107,6 +109,7 @@ class Connection:
             await self._read()
         finally:
             self.hub.connections.discard(self)
+            self.hub.live.drop(self)
             metrics.CONNECTIONS.labels(self._role).dec()
             self.session.closed()
             self._closing = True
@@ -129,6 +132,11 @@ class Connection:
         self.close(CLOSE_RESTART, "server restart")
 
     def send(self, frame: p.ServerFrame) -> None:
+        if not self._closing:
+            self.send_encoded(self.codec.encode(frame), str(frame.__struct_config__.tag))
+
+    def send_encoded(self, payload: bytes, tag: str) -> None:
+        """Queue a frame already encoded with this connection's codec (a fan-out encodes once)."""
         if self._closing:
             return
         if len(self._outbox) >= self._outbox_limit:
@@ -136,8 +144,8 @@ class Connection:
             self._closing = True
             self._jump_close(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
-        self._push(self.codec.encode(frame))
-        metrics.FRAMES_OUT[str(frame.__struct_config__.tag)] += 1
+        self._push(payload)
+        metrics.FRAMES_OUT[tag] += 1
 
     def close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -228,13 +236,33 @@ class Connection:
                 self.send(p.Error(code="bad_token", message=missing, ref=frame.ref))
                 self.close(CLOSE_BAD_TOKEN, "bad_token")
                 return
-            self._act(self.session.receive(frame, now))
+            actions = self.session.receive(frame, now)
+            self._act(actions)
+            for action in actions:
+                if isinstance(action, Join):
+                    await self._join(action)
             if self.session.claims is not None and hello_deadline is not None:
                 hello_deadline = None
                 self._role = self.session.claims.role
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()
                 self._watch_expiry()
+
+    async def _join(self, join: Join) -> None:
+        claims = self.session.claims
+        assert claims is not None
+        _, _, site = join.channel.partition(":")
+        if site and not await self.hub.site_exists(claims.tenant, site):
+            self.send(
+                p.Error(
+                    code="unknown_channel",
+                    message=f"no channel {join.channel}: there is no site {site!r}",
+                    ref=join.ref,
+                )
+            )
+            return
+        for frame in self.hub.live.join(self, claims.tenant, join.channel, join.since, join.ref):
+            self.send(frame)
 
     async def _tenant_exists(self, token: str) -> bool:
         """False only for a valid token whose tenant does not exist; the session judges the rest."""
@@ -273,6 +301,14 @@ class Connection:
                     metrics.refusals(limit).inc()
                 case Pause(seconds=seconds):
                     self._paused_until = asyncio.get_running_loop().time() + seconds
+                case Leave(channel=channel, ref=ref):
+                    claims = self.session.claims
+                    assert claims is not None
+                    self.hub.live.leave(self, claims.tenant, channel)
+                    self.send(p.Unsubscribed(channel=channel, ref=ref))
+                case Join():
+                    # Needs the database (does the site exist?): _read awaits it.
+                    pass
 
     def _submit(self, action: SubmitPunch) -> None:
         punch_id = action.request.id

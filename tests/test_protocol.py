@@ -275,6 +275,22 @@ def test_deeply_nested_frames_are_frame_errors(subprotocol: str, depth: int) -> 
         (p.Error(code="forbidden", message="no"),
          {"type": "error", "code": "forbidden", "message": "no"}),
         (p.Drain(reconnect_after_ms=1500), {"type": "drain", "reconnect_after_ms": 1500}),
+        (p.Subscribed(channel="presence:hq", version=7, recovered=False, ref="s"),
+         {"type": "subscribed", "channel": "presence:hq", "version": 7, "recovered": False,
+          "ref": "s"}),
+        (p.Subscribed(channel="me", version=1, recovered=True),
+         {"type": "subscribed", "channel": "me", "version": 1, "recovered": True}),
+        (p.Unsubscribed(channel="presence:hq"), {"type": "unsubscribed", "channel": "presence:hq"}),
+        (p.Snapshot(channel="presence:hq", version=3, members=[
+            p.PresenceMember(employee="e1", name="Ann", state="in", since="s", site="hq")]),
+         {"type": "snapshot", "channel": "presence:hq", "version": 3, "members": [
+             {"employee": "e1", "name": "Ann", "state": "in", "since": "s", "site": "hq"}]}),
+        (p.Delta(channel="presence:hq", version=4, changes=[
+            p.PresenceMember(employee="e2", name="Bo", state="out", since="s", site="hq",
+                             late=True)]),
+         {"type": "delta", "channel": "presence:hq", "version": 4, "changes": [
+             {"employee": "e2", "name": "Bo", "state": "out", "since": "s", "site": "hq",
+              "late": True}]}),
     ],
 )  # fmt: skip
 def test_server_frames_encode_with_type_tag_and_omit_unset_optionals(
@@ -293,7 +309,18 @@ def test_json_server_frames_are_utf8_text() -> None:
 def test_every_server_frame_type_is_covered() -> None:
     # If a frame type is added, the round-trip table above must grow with it.
     tags = {cls.__struct_config__.tag for cls in p.ServerFrame.__args__}  # type: ignore[attr-defined]
-    assert tags == {"welcome", "ack", "pong", "refreshed", "error", "drain"}
+    assert tags == {
+        "welcome",
+        "ack",
+        "pong",
+        "refreshed",
+        "error",
+        "drain",
+        "subscribed",
+        "unsubscribed",
+        "snapshot",
+        "delta",
+    }
 
 
 # -- property tests: hostile input decodes or raises FrameError, nothing else ---------------

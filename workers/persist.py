@@ -73,9 +73,13 @@ class PunchOutcome(msgspec.Struct, frozen=True):
     reason: str | None = None
     employee: str | None = None
     site: str | None = None
+    # The employee's name, for an accepted punch (presence shows it).
+    name: str | None = None
 
 
 Reply = Callable[[PunchOutcome | Exception], None]
+# Told, after each commit and before any punch of it is answered, which punches it stored.
+Committed = Callable[[list[tuple[PunchRequest, PunchOutcome]]], None]
 
 
 class _Pending(NamedTuple):
@@ -90,14 +94,14 @@ class _Pending(NamedTuple):
 # employee and site, and (the same on every row) how many punches were inserted.
 _COMMIT_SQL: Final = """
 WITH input AS (
-    SELECT i.*, e.id AS resolved, COALESCE(i.site, e.site) AS resolved_site
+    SELECT i.*, e.id AS resolved, COALESCE(i.site, e.site) AS resolved_site, e.name
       FROM unnest($1::punch_input[]) WITH ORDINALITY AS i
       LEFT JOIN LATERAL (
-            SELECT by_id.id, by_id.site FROM employees by_id
+            SELECT by_id.id, by_id.site, by_id.name FROM employees by_id
              WHERE i.employee IS NOT NULL AND by_id.tenant = i.tenant
                AND by_id.id = i.employee AND by_id.erased_at IS NULL
              UNION ALL
-            SELECT by_badge.id, by_badge.site FROM employees by_badge
+            SELECT by_badge.id, by_badge.site, by_badge.name FROM employees by_badge
              WHERE i.employee IS NULL AND by_badge.tenant = i.tenant
                AND by_badge.badge = i.badge AND by_badge.erased_at IS NULL
       ) e ON true
@@ -113,7 +117,7 @@ WITH input AS (
     ON CONFLICT (tenant, id) DO NOTHING
     RETURNING 1
 )
-SELECT resolved, resolved_site, (SELECT count(*) FROM inserted) AS inserted
+SELECT resolved, resolved_site, name, (SELECT count(*) FROM inserted) AS inserted
   FROM input
  ORDER BY ordinality
 """
@@ -154,8 +158,10 @@ class PunchBatcher:
         max_batch: int = 512,
         wait_ms: int = 1,
         concurrency: int = 3,
+        on_committed: Committed | None = None,
     ) -> None:
         self._pool = pool
+        self._on_committed = on_committed
         self._max_batch = max_batch
         self._wait_s = wait_ms / 1000
         self._slots = asyncio.Semaphore(concurrency)
@@ -261,6 +267,18 @@ class PunchBatcher:
             )
             for result, count in results.items():
                 metrics.punches(result).inc(count)
+            if self._on_committed is not None:
+                stored = [
+                    (pending.request, outcome)
+                    for pending, outcome in zip(batch, outcomes, strict=True)
+                    if isinstance(outcome, PunchOutcome) and outcome.status == "accepted"
+                ]
+                if stored:
+                    try:
+                        self._on_committed(stored)
+                    except Exception:
+                        # Presence is derived; the punches are committed and get their acks.
+                        log.exception("presence update after a commit failed")
             for pending, outcome in zip(batch, outcomes, strict=True):
                 pending.reply(outcome)
         finally:
@@ -313,7 +331,14 @@ async def store_punches(conn: Conn, requests: list[PunchRequest]) -> list[PunchO
         else:
             eligible.append(index)
             outcomes.append(
-                PunchOutcome("accepted", request.received_at, None, employee, row["resolved_site"])
+                PunchOutcome(
+                    "accepted",
+                    request.received_at,
+                    None,
+                    employee,
+                    row["resolved_site"],
+                    row["name"],
+                )
             )
     # As many rows inserted as eligible punches means every one was new. Fewer means some
     # repeat an id, within the batch or one stored before: settle those.

@@ -1,0 +1,199 @@
+"""Live channels in this process: every tenant's floors, who listens to what, and the fan-out.
+
+Presence changes only after commit: the punch batcher hands over each batch's
+stored punches once PostgreSQL has committed them, before any of them is
+acked, and the deltas go out in the order the state changed. Each delta is
+encoded once per subprotocol, whatever the number of listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from typing import Final, NamedTuple, Protocol
+
+from hub import protocol as p
+from hub.presence import Delta, Member, PresencePunch, Snapshot, TenantFloor
+from hub.types import Conn
+from workers.persist import PunchOutcome, PunchRequest
+
+log = logging.getLogger(__name__)
+
+# The latest punch of every employee who is not erased: the floor to start from.
+LATEST_SQL: Final = """
+SELECT DISTINCT ON (p.tenant, p.employee)
+       p.tenant, p.id, p.employee, e.name, p.site, p.kind, p.at
+  FROM punches p
+  JOIN employees e ON e.tenant = p.tenant AND e.id = p.employee
+ WHERE e.erased_at IS NULL
+ ORDER BY p.tenant, p.employee, p.at DESC, p.id DESC
+"""
+
+# Flags found by presence (odd sequences, late arrivals), added to the stored punches.
+FLAG_SQL: Final = """
+UPDATE punches p SET flags = array_append(p.flags, f.flag)
+  FROM unnest($1::text[], $2::uuid[], $3::text[]) AS f(tenant, id, flag)
+ WHERE p.tenant = f.tenant AND p.id = f.id AND NOT f.flag = ANY (p.flags)
+"""
+
+
+class Listener(Protocol):
+    """A socket that hears channels: a ``Connection``."""
+
+    codec: p.Codec
+
+    def send_encoded(self, payload: bytes, tag: str) -> None: ...
+
+
+class Flag(NamedTuple):
+    tenant: str
+    id: uuid.UUID
+    flag: str
+
+
+class Live:
+    """Floors, subscriptions and fan-out for every tenant served by this process.
+
+    ``base_version`` starts every channel's version sequence (see ``TenantFloor``).
+    """
+
+    def __init__(self, base_version: int) -> None:
+        self._base = base_version
+        self._floors: dict[str, TenantFloor] = {}
+        self._listeners: dict[tuple[str, str], set[Listener]] = {}
+        self._joined: dict[Listener, set[tuple[str, str]]] = {}
+
+    def floor(self, tenant: str) -> TenantFloor:
+        floor = self._floors.get(tenant)
+        if floor is None:
+            floor = self._floors[tenant] = TenantFloor(self._base)
+        return floor
+
+    async def load(self, conn: Conn) -> int:
+        """Rebuild every floor from PostgreSQL; returns how many employees it placed."""
+        rows = await conn.fetch(LATEST_SQL)
+        by_tenant: dict[str, list[PresencePunch]] = {}
+        for row in rows:
+            by_tenant.setdefault(row["tenant"], []).append(
+                PresencePunch(
+                    row["id"], row["employee"], row["name"], row["site"], row["kind"], row["at"]
+                )
+            )
+        for tenant, punches in by_tenant.items():
+            self.floor(tenant).load(punches)
+        return len(rows)
+
+    def committed(self, stored: Iterable[tuple[PunchRequest, PunchOutcome]]) -> list[Flag]:
+        """Punches just committed: move the floors, send the deltas, return the flags found."""
+        flags = []
+        for request, outcome in stored:
+            assert outcome.employee is not None and outcome.site is not None
+            punch = PresencePunch(
+                request.id,
+                outcome.employee,
+                outcome.name or outcome.employee,
+                outcome.site,
+                request.kind,
+                request.at,
+            )
+            flag, deltas = self.floor(request.tenant).apply(punch)
+            if flag is not None:
+                flags.append(Flag(request.tenant, request.id, flag))
+            for delta in deltas:
+                self._publish(request.tenant, delta)
+        return flags
+
+    def join(
+        self, listener: Listener, tenant: str, channel: str, since: int | None, ref: str | None
+    ) -> list[p.ServerFrame]:
+        """Subscribe; the frames to send now: ``subscribed``, then a snapshot or the missed deltas.
+
+        The caller has checked that the role may subscribe and that the site exists.
+        """
+        kind, _, site = channel.partition(":")
+        if kind != "presence":
+            return [
+                p.Error(
+                    code="unknown_channel",
+                    message=f"{channel} is not served by this hub yet",
+                    ref=ref,
+                )
+            ]
+        key = (tenant, channel)
+        self._listeners.setdefault(key, set()).add(listener)
+        self._joined.setdefault(listener, set()).add(key)
+        floor = self.floor(tenant)
+        missed = None if since is None else floor.channel(site).since(since)
+        if missed is not None:
+            version = floor.channel(site).version
+            return [
+                p.Subscribed(channel=channel, version=version, recovered=True, ref=ref),
+                *(delta_frame(delta) for delta in missed),
+            ]
+        snapshot = floor.snapshot(site)
+        return [
+            p.Subscribed(channel=channel, version=snapshot.version, recovered=False, ref=ref),
+            snapshot_frame(snapshot),
+        ]
+
+    def leave(self, listener: Listener, tenant: str, channel: str) -> None:
+        key = (tenant, channel)
+        listeners = self._listeners.get(key)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self._listeners[key]
+        joined = self._joined.get(listener)
+        if joined is not None:
+            joined.discard(key)
+            if not joined:
+                del self._joined[listener]
+
+    def drop(self, listener: Listener) -> None:
+        """The socket closed: it hears nothing more."""
+        for tenant, channel in list(self._joined.get(listener, ())):
+            self.leave(listener, tenant, channel)
+
+    def listeners(self, tenant: str, channel: str) -> int:
+        return len(self._listeners.get((tenant, channel), ()))
+
+    def _publish(self, tenant: str, delta: Delta) -> None:
+        listeners = self._listeners.get((tenant, delta.channel))
+        if not listeners:
+            return
+        frame = delta_frame(delta)
+        encoded: dict[str, bytes] = {}
+        for listener in list(listeners):
+            codec = listener.codec
+            payload = encoded.get(codec.subprotocol)
+            if payload is None:
+                payload = encoded[codec.subprotocol] = codec.encode(frame)
+            listener.send_encoded(payload, "delta")
+
+
+def member_frame(member: Member) -> p.PresenceMember:
+    return p.PresenceMember(
+        employee=member.employee,
+        name=member.name,
+        state=member.state,
+        since=p.format_time(member.since),
+        site=member.site,
+        late=member.late,
+    )
+
+
+def delta_frame(delta: Delta) -> p.Delta:
+    return p.Delta(
+        channel=delta.channel,
+        version=delta.version,
+        changes=[member_frame(m) for m in delta.changes],
+    )
+
+
+def snapshot_frame(snapshot: Snapshot) -> p.Snapshot:
+    return p.Snapshot(
+        channel=snapshot.channel,
+        version=snapshot.version,
+        members=[member_frame(m) for m in snapshot.members],
+    )
