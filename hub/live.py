@@ -3,7 +3,7 @@
 Presence changes only after commit: the punch batcher hands over each batch's
 stored punches once PostgreSQL has committed them, before any of them is
 acked, and the deltas go out in the order the state changed. Each delta is
-encoded once per subprotocol, whatever the number of listeners.
+encoded and framed once per subprotocol, whatever the number of listeners.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Final, NamedTuple, Protocol
 from hub import protocol as p
 from hub.presence import Delta, Member, PresencePunch, Snapshot, TenantFloor
 from hub.types import Conn
+from hub.wsproto import Framed, frame_message
 from workers.persist import PunchOutcome, PunchRequest
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Listener(Protocol):
 
     codec: p.Codec
 
-    def send_encoded(self, payload: bytes, tag: str) -> None: ...
+    def send_framed(self, framed: Framed, tag: str) -> None: ...
 
 
 class Flag(NamedTuple):
@@ -87,6 +88,8 @@ class Live:
     def committed(self, stored: Iterable[tuple[PunchRequest, PunchOutcome]]) -> list[Flag]:
         """Punches just committed: move the floors, send the deltas, return the flags found."""
         flags = []
+        # A commit's deltas go out per channel in one piece, in the order they happened.
+        deltas: dict[tuple[str, str], list[Delta]] = {}
         for request, outcome in stored:
             assert outcome.employee is not None and outcome.site is not None
             punch = PresencePunch(
@@ -97,11 +100,13 @@ class Live:
                 request.kind,
                 request.at,
             )
-            flag, deltas = self.floor(request.tenant).apply(punch)
+            flag, caused = self.floor(request.tenant).apply(punch)
             if flag is not None:
                 flags.append(Flag(request.tenant, request.id, flag))
-            for delta in deltas:
-                self._publish(request.tenant, delta)
+            for delta in caused:
+                deltas.setdefault((request.tenant, delta.channel), []).append(delta)
+        for (tenant, channel), in_order in deltas.items():
+            self._publish(tenant, channel, in_order)
         return flags
 
     def join(
@@ -158,18 +163,20 @@ class Live:
     def listeners(self, tenant: str, channel: str) -> int:
         return len(self._listeners.get((tenant, channel), ()))
 
-    def _publish(self, tenant: str, delta: Delta) -> None:
-        listeners = self._listeners.get((tenant, delta.channel))
+    def _publish(self, tenant: str, channel: str, deltas: list[Delta]) -> None:
+        listeners = self._listeners.get((tenant, channel))
         if not listeners:
             return
-        frame = delta_frame(delta)
-        encoded: dict[str, bytes] = {}
+        frames = [delta_frame(delta) for delta in deltas]
+        encoded: dict[str, Framed] = {}
         for listener in list(listeners):
             codec = listener.codec
-            payload = encoded.get(codec.subprotocol)
-            if payload is None:
-                payload = encoded[codec.subprotocol] = codec.encode(frame)
-            listener.send_encoded(payload, "delta")
+            framed = encoded.get(codec.subprotocol)
+            if framed is None:
+                payloads = tuple(codec.encode(frame) for frame in frames)
+                data = b"".join(frame_message(payload, codec.binary) for payload in payloads)
+                framed = encoded[codec.subprotocol] = Framed(payloads, data)
+            listener.send_framed(framed, "delta")
 
 
 def member_frame(member: Member) -> p.PresenceMember:

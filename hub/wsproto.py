@@ -8,7 +8,8 @@ per ack was the largest single cost in the hub's profile. This protocol's
 transport can be corked: while corked it collects what is written, and
 uncorking hands it to the real transport in one piece. The application gets
 ``cork`` and ``uncork`` through the ASGI scope's extensions, under
-``CORK_EXTENSION``.
+``CORK_EXTENSION``, and ``write_frame``: it writes a message it framed itself
+(``frame_message``), which spares uvicorn's framing of each message per socket.
 
 uvicorn stops reading a socket while the application has a message it has not
 taken, but it parses all of what one read returned (up to 256 KiB, thousands of
@@ -25,10 +26,12 @@ nothing more, and closes the socket after ``SHUT_OUT_LINGER_S``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import struct
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
@@ -39,6 +42,36 @@ PARSE_SLICE: Final = 4 * 1024
 SHUT_OUT_CODES: Final = frozenset({4008, 4009})
 # How long a shut-out client's socket stays open for the close frame to reach it.
 SHUT_OUT_LINGER_S: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Framed:
+    """Encoded messages, and the same messages framed by ``frame_message`` and joined.
+
+    A fan-out builds one for every socket of a codec: written as one piece.
+    """
+
+    payloads: tuple[bytes, ...]
+    data: bytes
+
+
+def frame_message(payload: bytes, binary: bool) -> bytes:
+    """One whole, unmasked server frame (RFC 6455 section 5.2) carrying ``payload``.
+
+    A server's frames are not masked, so one framed message can be written as it is
+    to every socket that should get it: a fan-out frames a delta once, not per socket.
+    Without RSV1 it is also valid on a connection that negotiated permessage-deflate
+    (RFC 7692: such a message is simply not compressed).
+    """
+    opcode = 0x82 if binary else 0x81
+    length = len(payload)
+    if length < 126:
+        header = bytes((opcode, length))
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", opcode, 127, length)
+    return header + payload
 
 
 class CorkableTransport(asyncio.Transport):
@@ -205,8 +238,39 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None:
             # The application task is created but has not run yet, so it sees this.
-            cork: dict[str, Callable[[], None]] = {
+            cork: dict[str, Any] = {
                 "cork": self.corkable.cork,
                 "uncork": self.corkable.uncork,
+                "write_frame": self.write_frame,
+                "write_now": self.write_now,
             }
             scope["extensions"][CORK_EXTENSION] = cork
+
+    def write_now(self, data: bytes) -> bool:
+        """Write framed messages at once if the transport takes them without waiting.
+
+        False (nothing written) while the transport's buffer is over its high-water
+        mark, or once the connection is closing: then the caller queues them instead.
+        """
+        if (
+            not self.writable.is_set()
+            or self.disconnected
+            or self.close_sent
+            or self.transport.is_closing()
+        ):
+            return False
+        self.transport.write(data)
+        return True
+
+    async def write_frame(self, data: bytes) -> None:
+        """Write a frame made by ``frame_message``, with the flow control ``send`` applies.
+
+        Like ``send``, it waits while the transport's buffer is over its high-water mark,
+        and raises ``ClientDisconnected`` once the client is gone.
+        """
+        await self.writable.wait()
+        if self.disconnected:
+            raise ClientDisconnected()
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.transport.write(data)
