@@ -151,26 +151,26 @@ class Run:
         self.closed_loop = config.rate is None
         self._employees = config.employees
         self._counter = random.randrange(len(config.employees))
-        self._at = ""
-        self._at_refreshed = 0.0
         self._rng = random.Random(os.urandom(16))
         self.drained = asyncio.Event()
         self.outstanding = 0
 
     def punch_payload(self, now: float) -> tuple[str, bytes]:
-        if now - self._at_refreshed > 0.05:
-            self._at = datetime.now(UTC).isoformat(timespec="milliseconds")
-            self._at_refreshed = now
+        # Each punch its own `at`, and each employee in, out, in... as at a real door: the hub
+        # flags odd sequences on the punch (a second write), which a real floor rarely has.
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
         # A version-4 UUID from a seeded PRNG: os.urandom per punch would cost a syscall.
         bits = self._rng.getrandbits(128)
         bits = (bits & ~(0xF000 << 64) | (0x4000 << 64)) & ~(0xC000 << 48) | (0x8000 << 48)
         h = f"{bits:032x}"
         punch_id = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
         self._counter += 1
-        employee = self._employees[self._counter % len(self._employees)]
+        rounds, index = divmod(self._counter, len(self._employees))
+        employee = self._employees[index]
+        kind = "out" if rounds % 2 else "in"
         payload = (
             f'{{"type":"punch","id":"{punch_id}","employee":"{employee}",'
-            f'"kind":"in","at":"{self._at}"}}'
+            f'"kind":"{kind}","at":"{at}"}}'
         ).encode()
         return punch_id, payload
 
