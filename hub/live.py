@@ -109,6 +109,14 @@ class Live:
             self._publish(tenant, channel, in_order)
         return flags
 
+    def rename(self, tenant: str, employee: str, name: str) -> None:
+        for delta in self.floor(tenant).rename(employee, name):
+            self._publish(tenant, delta.channel, [delta])
+
+    def forget(self, tenant: str, employee: str, name: str) -> None:
+        for delta in self.floor(tenant).forget(employee, name):
+            self._publish(tenant, delta.channel, [delta])
+
     def join(
         self, listener: Listener, tenant: str, channel: str, since: int | None, ref: str | None
     ) -> list[p.ServerFrame]:

@@ -195,6 +195,27 @@ class TenantFloor:
             deltas.append(self.channel(after.site).record((_member(punch.employee, after),)))
         return flag, deltas
 
+    def rename(self, employee: str, name: str) -> list[Delta]:
+        """The employee's name changed: a delta if they are on a floor."""
+        latest = self._latest.get(employee)
+        if latest is None or latest.name == name:
+            return []
+        latest.name = name
+        if latest.state == "out":
+            return []
+        return [self.channel(latest.site).record((_member(employee, latest),))]
+
+    def forget(self, employee: str, name: str) -> list[Delta]:
+        """The employee was erased: off every floor, and nothing kept of them here.
+
+        ``name`` is what the last delta shows instead of their name.
+        """
+        latest = self._latest.pop(employee, None)
+        if latest is None or latest.state == "out":
+            return []
+        gone = Member(employee, name, "out", latest.at, latest.site)
+        return [self.channel(latest.site).record((gone,))]
+
     def snapshot(self, site: str) -> Snapshot:
         channel = self.channel(site)
         members = tuple(

@@ -283,6 +283,8 @@ class Api:
             values,
             f"badge {body.badge!r} belongs to another employee",
         )
+        # Committed: a floor showing the employee shows the new name.
+        self.hub.live.rename(claims.tenant, employee, body.name)
         return json_response(after, 201 if created else 200)
 
     async def _put_audited(
@@ -361,6 +363,8 @@ class Api:
                     {"id": employee, "erased": True},
                 )
             punches = await store.count_punches(conn, claims.tenant, employee)
+        # Committed: off every floor, and the hub's memory of the name goes too.
+        self.hub.live.forget(claims.tenant, employee, store.ERASED_NAME)
         return json_response({"employee": employee, "erased": True, "punches_kept": punches})
 
     async def list_employees(self, request: Request) -> Response:

@@ -185,15 +185,18 @@ async def find_employee(
 
 # What erasure removes from an employee's row and from the audit rows about the employee.
 ERASED_FIELDS: Final = ("name", "badge")
+# What an erased employee's name becomes.
+ERASED_NAME: Final = "[erased]"
 
 
 async def erase_employee(conn: Conn, tenant: str, employee: str) -> None:
     await conn.execute(
-        """UPDATE employees SET name = '[erased]', badge = NULL, erased_at = now(),
+        """UPDATE employees SET name = $3, badge = NULL, erased_at = now(),
                   updated_at = now()
             WHERE tenant = $1 AND id = $2 AND erased_at IS NULL""",
         tenant,
         employee,
+        ERASED_NAME,
     )
 
 

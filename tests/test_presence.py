@@ -234,3 +234,29 @@ def test_a_fresh_channel_recovers_only_its_own_version() -> None:
     channel = Channel("presence:hq", BASE)
     assert channel.since(BASE) == []
     assert channel.since(BASE - 1) is None
+
+
+def test_a_rename_shows_on_the_floor_the_employee_is_on() -> None:
+    floor = TenantFloor(BASE)
+    floor.apply(punch("e1", "in", 0))
+    [delta] = floor.rename("e1", "Ann Lee")
+    assert (delta.channel, delta.changes[0].name, delta.changes[0].state) == (
+        "presence:hq",
+        "Ann Lee",
+        "in",
+    )
+    assert floor.snapshot("hq").members[0].name == "Ann Lee"
+    assert floor.rename("e1", "Ann Lee") == []
+    floor.apply(punch("e1", "out", 5))
+    assert floor.rename("e1", "Ann") == []
+    assert floor.rename("nobody", "X") == []
+
+
+def test_forgetting_an_erased_employee_takes_them_off_the_floor_and_out_of_memory() -> None:
+    floor = TenantFloor(BASE)
+    floor.apply(punch("e1", "in", 0))
+    [delta] = floor.forget("e1", "[erased]")
+    assert (delta.changes[0].name, delta.changes[0].state) == ("[erased]", "out")
+    assert floor.snapshot("hq").members == ()
+    assert floor.state_of("e1") is None
+    assert floor.forget("e1", "[erased]") == []

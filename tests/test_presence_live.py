@@ -290,6 +290,28 @@ async def test_a_correction_moves_the_floor_too(tenant: TenantKit) -> None:
     await watching.close()
 
 
+async def test_a_rename_and_an_erasure_reach_the_floor(tenant: TenantKit) -> None:
+    door = await tenant.connect()
+    assert (await door.punch(punch_frame("e1", at=at(5))))["status"] == "accepted"
+    await door.close()
+    watching = await watcher(tenant)
+    await subscribe(watching, "presence:hq")
+    await watching.recv()
+    response = await tenant.http.put(
+        "/v1/employees/e1", json={"name": "Ann Lee", "site": "hq", "badge": "b1"}
+    )
+    assert response.status_code == 200, response.text
+    renamed = (await watching.recv())["changes"][0]
+    assert (renamed["name"], renamed["state"]) == ("Ann Lee", "in")
+    assert (await tenant.http.delete("/v1/employees/e1")).status_code == 200
+    erased = (await watching.recv())["changes"][0]
+    assert (erased["employee"], erased["name"], erased["state"]) == ("e1", "[erased]", "out")
+    snapshot = (await tenant.http.get("/v1/presence/hq")).json()
+    assert snapshot["members"] == []
+    assert "Ann" not in str(snapshot)
+    await watching.close()
+
+
 @pytest.fixture
 def own_hub(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     env = {"ATTENDANCE_DATABASE_URL": database, "ATTENDANCE_SECRET": TEST_SECRET}
