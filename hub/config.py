@@ -69,6 +69,7 @@ class Settings:
     max_frame_bytes: int
     max_body_bytes: int
     send_queue_frames: int
+    send_queue_bytes: int
     db_pool_size: int
     allowed_origins: tuple[str, ...]
     rate_per_s: int
@@ -125,6 +126,9 @@ class Settings:
             max_frame_bytes=_int(env, "ATTENDANCE_MAX_FRAME_BYTES", 64 * 1024, minimum=1024),
             max_body_bytes=_int(env, "ATTENDANCE_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
             send_queue_frames=_int(env, "ATTENDANCE_SEND_QUEUE_FRAMES", 1024, minimum=16),
+            send_queue_bytes=_int(
+                env, "ATTENDANCE_SEND_QUEUE_BYTES", 4 * 1024 * 1024, minimum=64 * 1024
+            ),
             db_pool_size=_int(env, "ATTENDANCE_DB_POOL_SIZE", 8, minimum=2),
             allowed_origins=_origins(env, "ATTENDANCE_ALLOWED_ORIGINS"),
             rate_per_s=rate_per_s,

@@ -93,6 +93,8 @@ class Connection:
         )
         self._outbox: deque[bytes | Framed | tuple[int, str]] = deque()
         self._outbox_limit = hub.settings.send_queue_frames
+        self._outbox_bytes_limit = hub.settings.send_queue_bytes
+        self._outbox_bytes = 0
         self._wake: asyncio.Future[None] | None = None
         self._closing = False
         self._role = "anonymous"
@@ -162,11 +164,18 @@ class Connection:
         """Queue a frame already encoded with this connection's codec (or a fan-out's)."""
         if self._closing:
             return
-        if len(self._outbox) >= self._outbox_limit:
+        size = len(payload.data) if isinstance(payload, Framed) else len(payload)
+        # The byte limit is on what has piled up: a large frame (a snapshot) can still join
+        # a queue below it.
+        if (
+            len(self._outbox) >= self._outbox_limit
+            or self._outbox_bytes >= self._outbox_bytes_limit
+        ):
             log.info("closing session %s: it does not read its frames", self.session.id)
             self._closing = True
             self._jump_close(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
+        self._outbox_bytes += size
         self._push(payload)
         metrics.FRAMES_OUT[tag] += len(payload.payloads) if isinstance(payload, Framed) else 1
 
@@ -188,6 +197,7 @@ class Connection:
     def _jump_close(self, code: int, reason: str) -> None:
         # The queue is full of frames the client is not reading: drop them and close.
         self._outbox.clear()
+        self._outbox_bytes = 0
         self._push((code, reason))
         asyncio.get_running_loop().call_later(ABORT_AFTER_S, self._abort_if_stuck)
 
@@ -399,6 +409,10 @@ class Connection:
             try:
                 while outbox:
                     item = outbox.popleft()
+                    if isinstance(item, Framed):
+                        self._outbox_bytes -= len(item.data)
+                    elif isinstance(item, bytes):
+                        self._outbox_bytes -= len(item)
                     if isinstance(item, tuple):
                         close = {"type": "websocket.close", "code": item[0], "reason": item[1]}
                         await send(close)
