@@ -11,10 +11,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Final, NamedTuple, Protocol
 
 from hub import protocol as p
-from hub.presence import Delta, Member, PresencePunch, Snapshot, TenantFloor
+from hub.presence import (
+    Delta,
+    Member,
+    PresencePunch,
+    Snapshot,
+    TenantFloor,
+    TerminalBoard,
+    TerminalMember,
+)
 from hub.types import Conn
 from hub.wsproto import Framed, frame_message
 from workers.persist import PunchOutcome, PunchRequest
@@ -29,6 +38,11 @@ SELECT DISTINCT ON (p.tenant, p.employee)
   JOIN employees e ON e.tenant = p.tenant AND e.id = p.employee
  WHERE e.erased_at IS NULL
  ORDER BY p.tenant, p.employee, p.at DESC, p.id DESC
+"""
+
+# Every device that is not revoked, for the `terminals:` boards to start from.
+DEVICES_SQL: Final = """
+SELECT tenant, id, site, name FROM devices WHERE revoked_at IS NULL
 """
 
 # Flags found by presence (odd sequences, late arrivals), added to the stored punches.
@@ -62,6 +76,7 @@ class Live:
     def __init__(self, base_version: int) -> None:
         self._base = base_version
         self._floors: dict[str, TenantFloor] = {}
+        self._boards: dict[str, TerminalBoard] = {}
         self._listeners: dict[tuple[str, str], set[Listener]] = {}
         self._joined: dict[Listener, set[tuple[str, str]]] = {}
 
@@ -70,6 +85,28 @@ class Live:
         if floor is None:
             floor = self._floors[tenant] = TenantFloor(self._base)
         return floor
+
+    def board(self, tenant: str) -> TerminalBoard:
+        board = self._boards.get(tenant)
+        if board is None:
+            board = self._boards[tenant] = TerminalBoard(self._base)
+        return board
+
+    def device_known(self, tenant: str, device: str, site: str, name: str) -> None:
+        self._send_all(tenant, self.board(tenant).known(device, site, name, _now()))
+
+    def device_removed(self, tenant: str, device: str) -> None:
+        self._send_all(tenant, self.board(tenant).removed(device, _now()))
+
+    def terminal_connected(self, tenant: str, device: str, site: str) -> None:
+        self._send_all(tenant, self.board(tenant).connected(device, site, _now()))
+
+    def terminal_disconnected(self, tenant: str, device: str) -> None:
+        self._send_all(tenant, self.board(tenant).disconnected(device, _now()))
+
+    def _send_all(self, tenant: str, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            self._publish(tenant, delta.channel, [delta])
 
     async def load(self, conn: Conn) -> int:
         """Rebuild every floor from PostgreSQL; returns how many employees it placed."""
@@ -83,6 +120,9 @@ class Live:
             )
         for tenant, punches in by_tenant.items():
             self.floor(tenant).load(punches)
+        now = _now()
+        for device in await conn.fetch(DEVICES_SQL):
+            self.board(device["tenant"]).known(device["id"], device["site"], device["name"], now)
         return len(rows)
 
     def committed(self, stored: Iterable[tuple[PunchRequest, PunchOutcome]]) -> list[Flag]:
@@ -110,12 +150,10 @@ class Live:
         return flags
 
     def rename(self, tenant: str, employee: str, name: str) -> None:
-        for delta in self.floor(tenant).rename(employee, name):
-            self._publish(tenant, delta.channel, [delta])
+        self._send_all(tenant, self.floor(tenant).rename(employee, name))
 
     def forget(self, tenant: str, employee: str, name: str) -> None:
-        for delta in self.floor(tenant).forget(employee, name):
-            self._publish(tenant, delta.channel, [delta])
+        self._send_all(tenant, self.floor(tenant).forget(employee, name))
 
     def join(
         self, listener: Listener, tenant: str, channel: str, since: int | None, ref: str | None
@@ -125,7 +163,7 @@ class Live:
         The caller has checked that the role may subscribe and that the site exists.
         """
         kind, _, site = channel.partition(":")
-        if kind != "presence":
+        if kind not in ("presence", "terminals"):
             return [
                 p.Error(
                     code="unknown_channel",
@@ -136,15 +174,15 @@ class Live:
         key = (tenant, channel)
         self._listeners.setdefault(key, set()).add(listener)
         self._joined.setdefault(listener, set()).add(key)
-        floor = self.floor(tenant)
-        missed = None if since is None else floor.channel(site).since(since)
+        state = self.floor(tenant) if kind == "presence" else self.board(tenant)
+        missed = None if since is None else state.channel(site).since(since)
         if missed is not None:
-            version = floor.channel(site).version
+            version = state.channel(site).version
             return [
                 p.Subscribed(channel=channel, version=version, recovered=True, ref=ref),
                 *(delta_frame(delta) for delta in missed),
             ]
-        snapshot = floor.snapshot(site)
+        snapshot = state.snapshot(site)
         return [
             p.Subscribed(channel=channel, version=snapshot.version, recovered=False, ref=ref),
             snapshot_frame(snapshot),
@@ -187,7 +225,18 @@ class Live:
             listener.send_framed(framed, "delta")
 
 
-def member_frame(member: Member) -> p.PresenceMember:
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def member_frame(member: Member | TerminalMember) -> p.PresenceMember | p.TerminalMember:
+    if isinstance(member, TerminalMember):
+        return p.TerminalMember(
+            device=member.device,
+            name=member.name,
+            online=member.online,
+            since=p.format_time(member.since),
+        )
     return p.PresenceMember(
         employee=member.employee,
         name=member.name,

@@ -80,16 +80,25 @@ class Member(msgspec.Struct, frozen=True, omit_defaults=True):
     late: bool = False
 
 
+class TerminalMember(msgspec.Struct, frozen=True):
+    """One device as a ``terminals:`` channel shows it."""
+
+    device: str
+    name: str
+    online: bool
+    since: datetime
+
+
 class Delta(msgspec.Struct, frozen=True):
     channel: str
     version: int
-    changes: tuple[Member, ...]
+    changes: tuple[Member | TerminalMember, ...]
 
 
 class Snapshot(msgspec.Struct, frozen=True):
     channel: str
     version: int
-    members: tuple[Member, ...]
+    members: tuple[Member | TerminalMember, ...]
 
 
 class _Latest(msgspec.Struct):
@@ -125,7 +134,7 @@ class Channel:
         self.version = version
         self._log: deque[Delta] = deque(maxlen=LOG_LENGTH)
 
-    def record(self, changes: tuple[Member, ...]) -> Delta:
+    def record(self, changes: tuple[Member | TerminalMember, ...]) -> Delta:
         self.version += 1
         delta = Delta(self.name, self.version, changes)
         self._log.append(delta)
@@ -239,6 +248,96 @@ class TenantFloor:
         return before
 
 
+class _Device(msgspec.Struct):
+    site: str
+    name: str
+    since: datetime
+    # Sockets of this device open on this hub; online while there is one.
+    sockets: int = 0
+
+
+class TerminalBoard:
+    """Every device of one tenant, online or not, and a ``terminals:<site>`` channel per site.
+
+    A device is online while it has an open socket; it goes offline when its last
+    one closes, however that happens (the client closed it, or it stopped answering
+    heartbeats and the hub dropped it). ``since`` is when that last changed.
+    """
+
+    def __init__(self, base_version: int) -> None:
+        self._base = base_version
+        self._devices: dict[str, _Device] = {}
+        self._channels: dict[str, Channel] = {}
+
+    def channel(self, site: str) -> Channel:
+        channel = self._channels.get(site)
+        if channel is None:
+            channel = self._channels[site] = Channel(f"terminals:{site}", self._base)
+        return channel
+
+    def known(self, device: str, site: str, name: str, now: datetime) -> list[Delta]:
+        """A device was created or changed; a new one is offline until it connects."""
+        held = self._devices.get(device)
+        if held is None:
+            held = self._devices[device] = _Device(site, name, now)
+            return [self._record(device, held)]
+        deltas = []
+        if held.site != site:
+            # Moved: gone from the old site's board (shown offline there), on the new one.
+            gone = TerminalMember(device, held.name, False, now)
+            deltas.append(self.channel(held.site).record((gone,)))
+            held.site = site
+        elif held.name == name:
+            return []
+        held.name = name
+        deltas.append(self._record(device, held))
+        return deltas
+
+    def connected(self, device: str, site: str, now: datetime) -> list[Delta]:
+        held = self._devices.get(device)
+        if held is None:
+            held = self._devices[device] = _Device(site, device, now)
+        held.sockets += 1
+        if held.sockets > 1:
+            return []
+        held.since = now
+        return [self._record(device, held)]
+
+    def disconnected(self, device: str, now: datetime) -> list[Delta]:
+        held = self._devices.get(device)
+        if held is None or held.sockets == 0:
+            return []
+        held.sockets -= 1
+        if held.sockets:
+            return []
+        held.since = now
+        return [self._record(device, held)]
+
+    def removed(self, device: str, now: datetime) -> list[Delta]:
+        """Revoked: off its site's board (a last change shows it offline)."""
+        held = self._devices.pop(device, None)
+        if held is None:
+            return []
+        gone = TerminalMember(device, held.name, False, now)
+        return [self.channel(held.site).record((gone,))]
+
+    def snapshot(self, site: str) -> Snapshot:
+        channel = self.channel(site)
+        members = tuple(
+            _terminal(device, held)
+            for device, held in sorted(self._devices.items())
+            if held.site == site
+        )
+        return Snapshot(channel.name, channel.version, members)
+
+    def _record(self, device: str, held: _Device) -> Delta:
+        return self.channel(held.site).record((_terminal(device, held),))
+
+
+def _terminal(device: str, held: _Device) -> TerminalMember:
+    return TerminalMember(device, held.name, held.sockets > 0, held.since)
+
+
 def _member(employee: str, latest: _Latest) -> Member:
     return Member(employee, latest.name, latest.state, latest.at, latest.site)
 
@@ -252,6 +351,8 @@ def replay(members: Iterable[Member], deltas: Iterable[Delta]) -> tuple[Member, 
     shown = {member.employee: member for member in members}
     for delta in deltas:
         for change in delta.changes:
+            if not isinstance(change, Member):
+                raise TypeError(f"{delta.channel} is not a presence channel")
             if change.state == "out" and not change.late:
                 shown.pop(change.employee, None)
             else:

@@ -153,16 +153,25 @@ class PresenceMember(msgspec.Struct, omit_defaults=True):
     late: bool = False
 
 
+class TerminalMember(msgspec.Struct):
+    """A member of a ``terminals:`` channel."""
+
+    device: str
+    name: str
+    online: bool
+    since: str
+
+
 class Snapshot(_ServerFrame, tag="snapshot"):
     channel: str
     version: int
-    members: list[PresenceMember]
+    members: list[PresenceMember | TerminalMember]
 
 
 class Delta(_ServerFrame, tag="delta"):
     channel: str
     version: int
-    changes: list[PresenceMember]
+    changes: list[PresenceMember | TerminalMember]
 
 
 ServerFrame = (

@@ -396,6 +396,7 @@ class Api:
         assert version is not None
         # Registering a revoked device again re-activates it with its new token version.
         self.hub.devices.apply(claims.tenant, device, DeviceState(version, revoked=False))
+        self.hub.live.device_known(claims.tenant, device, body.site, body.name or device)
         token, _ = self.hub.tokens.issue(
             tenant=claims.tenant,
             role="terminal",
@@ -422,6 +423,7 @@ class Api:
                 conn, request, claims, "device.revoke", f"device:{device}", before, None
             )
         self.hub.devices.apply(claims.tenant, device, DeviceState(version, revoked=True))
+        self.hub.live.device_removed(claims.tenant, device)
         return json_response({"device": device, "revoked": True})
 
     async def list_devices(self, request: Request) -> Response:

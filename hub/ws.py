@@ -116,6 +116,9 @@ class Connection:
         finally:
             self.hub.connections.discard(self)
             self.hub.live.drop(self)
+            claims = self.session.claims
+            if self._role == "terminal" and claims is not None:
+                self.hub.live.terminal_disconnected(claims.tenant, claims.sub)
             metrics.CONNECTIONS.labels(self._role).dec()
             self.session.closed()
             self._closing = True
@@ -277,6 +280,10 @@ class Connection:
             if self.session.claims is not None and hello_deadline is not None:
                 hello_deadline = None
                 self._role = self.session.claims.role
+                if self._role == "terminal":
+                    claims = self.session.claims
+                    assert claims.site is not None
+                    self.hub.live.terminal_connected(claims.tenant, claims.sub, claims.site)
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()
                 self._watch_expiry()

@@ -564,11 +564,13 @@ async def test_subscribing_answers_an_error_and_delivers_nothing_of_a(
         "/v1/employees/e3", json={"name": f"{twins.marker} renamed", "site": "hq"}
     )
     assert response.status_code == 200, response.text
-    # What the hub queued for B before its pong would come first: there is nothing.
+    # What the hub queued for B before its pong would come first: there is nothing. (All are
+    # asked before any closes: B's own door closing is news on B's `terminals:hq`.)
     for client in clients:
         await client.send({"type": "ping", "ref": "after"})
         frame = await client.recv()
         assert (frame["type"], frame["ref"]) == ("pong", "after"), frame
+    for client in clients:
         await client.close()
 
 

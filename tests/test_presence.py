@@ -18,6 +18,7 @@ from hub.presence import (
     Member,
     PresencePunch,
     TenantFloor,
+    TerminalBoard,
     flag_for,
     replay,
 )
@@ -260,3 +261,40 @@ def test_forgetting_an_erased_employee_takes_them_off_the_floor_and_out_of_memor
     assert floor.snapshot("hq").members == ()
     assert floor.state_of("e1") is None
     assert floor.forget("e1", "[erased]") == []
+
+
+# -- terminals ------------------------------------------------------------------------------
+
+
+def test_a_device_is_online_while_it_has_a_socket() -> None:
+    board = TerminalBoard(BASE)
+    assert [d.changes[0].online for d in board.known("door", "hq", "Door", T0)] == [False]
+    assert [d.changes[0].online for d in board.connected("door", "hq", T0)] == [True]
+    assert board.connected("door", "hq", T0) == []
+    assert board.disconnected("door", T0) == []
+    [offline] = board.disconnected("door", T0 + timedelta(minutes=1))
+    assert (offline.version, offline.changes[0].online) == (BASE + 3, False)
+    assert offline.changes[0].since == T0 + timedelta(minutes=1)
+    assert board.disconnected("door", T0) == []
+
+
+def test_a_device_that_moves_leaves_the_old_board() -> None:
+    board = TerminalBoard(BASE)
+    board.known("door", "hq", "Door", T0)
+    deltas = board.known("door", "plant", "Door", T0)
+    assert [(d.channel, d.changes[0].online) for d in deltas] == [
+        ("terminals:hq", False),
+        ("terminals:plant", False),
+    ]
+    assert board.snapshot("hq").members == ()
+    assert [m.device for m in board.snapshot("plant").members] == ["door"]
+    assert board.known("door", "plant", "Door", T0) == []
+
+
+def test_a_removed_device_leaves_the_board() -> None:
+    board = TerminalBoard(BASE)
+    board.connected("door", "hq", T0)
+    [gone] = board.removed("door", T0)
+    assert (gone.channel, gone.changes[0].online) == ("terminals:hq", False)
+    assert board.snapshot("hq").members == ()
+    assert board.removed("door", T0) == []

@@ -4,6 +4,9 @@ snapshot, flags on odd punches, and the floor rebuilt from PostgreSQL after a re
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -342,3 +345,84 @@ async def test_a_restarted_hub_shows_the_same_floor(own_hub: HubProcess, databas
         assert after["members"] == before["members"]
         # A new run's versions start above the old run's.
         assert after["version"] > before["version"]
+
+
+# -- terminals:<site> -------------------------------------------------------------------------
+
+
+async def test_the_terminals_board_shows_doors_going_online_and_offline(tenant: TenantKit) -> None:
+    watching = await watcher(tenant)
+    subscribed = await subscribe(watching, "terminals:hq")
+    [door] = (await watching.recv())["members"]
+    assert (door["device"], door["name"], door["online"]) == ("door", "Door", False)
+    client = await tenant.connect()
+    online = (await watching.recv())["changes"][0]
+    assert (online["device"], online["online"]) == ("door", True)
+    # A second socket of the same device changes nothing; closing the last one does.
+    second = await tenant.connect()
+    await second.close()
+    await client.close()
+    offline = await watching.recv()
+    assert offline["version"] == subscribed["version"] + 2
+    assert (offline["changes"][0]["device"], offline["changes"][0]["online"]) == ("door", False)
+    assert offline["changes"][0]["since"] >= online["since"]
+    # A new device appears offline; a revoked one leaves with a last offline change.
+    response = await tenant.http.put("/v1/devices/gate", json={"site": "hq", "name": "Gate"})
+    assert response.status_code == 201
+    gate = (await watching.recv())["changes"][0]
+    assert (gate["device"], gate["name"], gate["online"]) == ("gate", "Gate", False)
+    assert (await tenant.http.delete("/v1/devices/gate")).status_code == 200
+    assert (await watching.recv())["changes"][0]["device"] == "gate"
+    await watching.send({"type": "subscribe", "channel": "terminals:hq", "ref": "again"})
+    await watching.recv()
+    assert [m["device"] for m in (await watching.recv())["members"]] == ["door"]
+    await watching.close()
+
+
+async def test_a_terminal_may_not_watch_the_terminals_board(tenant: TenantKit) -> None:
+    client = await tenant.connect()
+    await client.send({"type": "subscribe", "channel": "terminals:hq", "ref": "t"})
+    assert (await client.recv())["code"] == "forbidden"
+    await client.close()
+
+
+@pytest.fixture
+def quick_heartbeats(
+    database: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HubProcess]:
+    env = {
+        "ATTENDANCE_DATABASE_URL": database,
+        "ATTENDANCE_SECRET": TEST_SECRET,
+        "ATTENDANCE_HEARTBEAT_S": "1",
+    }
+    with running_hub(tmp_path_factory.mktemp("heartbeat-hub"), env) as process:
+        yield process
+
+
+async def test_a_terminal_that_stops_answering_heartbeats_goes_offline(
+    quick_heartbeats: HubProcess, database: str
+) -> None:
+    async with provisioned_tenant(quick_heartbeats.base_url, database, TEST_SECRET, "h") as kit:
+        watching = await watcher(kit)
+        await subscribe(watching, "terminals:hq")
+        await watching.recv()
+        # A terminal that connects and then hangs: its socket stays open, it answers nothing.
+        reader, writer = await asyncio.open_connection("127.0.0.1", quick_heartbeats.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        hello = json.dumps({"type": "hello", "token": kit.terminal_token}).encode()
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(hello))
+        writer.write(bytes([0x81, 0x80 | 126]) + len(hello).to_bytes(2, "big") + mask + masked)
+        online = (await watching.recv())["changes"][0]
+        assert (online["device"], online["online"]) == ("door", True)
+        # The hub pings every second and gives up after another second without a pong.
+        offline = (await watching.recv(timeout=15))["changes"][0]
+        assert (offline["device"], offline["online"]) == ("door", False)
+        writer.close()
+        await watching.close()
