@@ -6,8 +6,9 @@ import base64
 import binascii
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
@@ -109,6 +110,17 @@ class EmployeeBody(msgspec.Struct, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     site: EntityId
     badge: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+
+
+class ShiftBody(msgspec.Struct, forbid_unknown_fields=True):
+    site: EntityId
+    start: AwareTime
+    end: AwareTime
+
+
+# Shifts one PUT may plan for an employee, and how long one shift may be.
+MAX_SHIFTS: Final = 1000
+MAX_SHIFT: Final = timedelta(hours=24)
 
 
 class DeviceBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -569,6 +581,56 @@ class Api:
             self.hub.committed([(punch, outcome)])
         return json_response(answer, 201 if outcome.status == "accepted" else 200)
 
+    # -- schedules ------------------------------------------------------------
+
+    async def put_schedule(self, request: Request) -> Response:
+        """Replace an employee's planned shifts (they decide who is late); audited."""
+        claims = await self.claims(request, "admin")
+        employee = self.path_id(request, "employee")
+        shifts = await self.body(request, list[ShiftBody])
+        if len(shifts) > MAX_SHIFTS:
+            raise ApiError(400, f"at most {MAX_SHIFTS} shifts at once")
+        planned: list[tuple[str, datetime, datetime]] = []
+        for n, shift in enumerate(shifts):
+            try:
+                start, end = shift.start.astimezone(UTC), shift.end.astimezone(UTC)
+            except OverflowError:
+                raise ApiError(400, f"shift {n}: a time has no UTC instant") from None
+            if not start < end <= start + MAX_SHIFT:
+                raise ApiError(400, f"shift {n}: `end` must be after `start`, within 24 hours")
+            planned.append((shift.site, start, end))
+        planned.sort(key=lambda shift: shift[1])
+        for earlier, later in pairwise(planned):
+            if later[1] < earlier[2]:
+                raise ApiError(400, f"shifts starting {format_time(earlier[1])} and "
+                               f"{format_time(later[1])} overlap")  # fmt: skip
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            row = await store.get_row(
+                conn, "employees", "erased_at", claims.tenant, employee, lock=True
+            )
+            if row is None:
+                raise ApiError(404, f"no employee {employee!r}")
+            if row["erased_at"] is not None:
+                raise ApiError(409, f"employee {employee!r} was erased", "erased")
+            for site in {shift[0] for shift in planned}:
+                if await store.get_row(conn, "sites", "id", claims.tenant, site) is None:
+                    raise ApiError(400, f"no site {site!r}", "unknown_site")
+            before = await store.get_schedule(conn, claims.tenant, employee)
+            await store.replace_schedule(conn, claims.tenant, employee, planned)
+            after = [
+                {"site": s, "start": format_time(a), "end": format_time(b)} for s, a, b in planned
+            ]
+            await self.audit(
+                conn,
+                request,
+                claims,
+                "schedule.put",
+                f"employee:{employee}",
+                {"shifts": [_shift_json(shift) for shift in before]},
+                {"shifts": after},
+            )
+        return json_response({"employee": employee, "shifts": after})
+
     # -- presence -------------------------------------------------------------
 
     async def get_presence(self, request: Request) -> Response:
@@ -712,6 +774,14 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         return at, str(uuid.UUID(punch_id))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "`after` is not a cursor this API returned") from None
+
+
+def _shift_json(row: Any) -> dict[str, Any]:
+    return {
+        "site": row["site"],
+        "start": format_time(row["starts_at"]),
+        "end": format_time(row["ends_at"]),
+    }
 
 
 def _punch_json(row: Any) -> dict[str, Any]:

@@ -154,6 +154,36 @@ async def upsert_employee(conn: Conn, tenant: str, employee: str, body: dict[str
     )
 
 
+async def get_schedule(conn: Conn, tenant: str, employee: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        """SELECT site, starts_at, ends_at FROM schedules
+            WHERE tenant = $1 AND employee = $2 ORDER BY starts_at""",
+        tenant,
+        employee,
+    )
+    return [dict(r) for r in rows]
+
+
+async def replace_schedule(
+    conn: Conn, tenant: str, employee: str, shifts: list[tuple[str, datetime, datetime]]
+) -> None:
+    """The employee's planned shifts become exactly ``shifts`` (site, start, end)."""
+    await conn.execute(
+        "DELETE FROM schedules WHERE tenant = $1 AND employee = $2", tenant, employee
+    )
+    await conn.execute(
+        """INSERT INTO schedules (tenant, employee, site, starts_at, ends_at)
+           SELECT $1, $2, s.site, s.starts_at, s.ends_at
+             FROM unnest($3::text[], $4::timestamptz[], $5::timestamptz[])
+                  AS s(site, starts_at, ends_at)""",
+        tenant,
+        employee,
+        [shift[0] for shift in shifts],
+        [shift[1] for shift in shifts],
+        [shift[2] for shift in shifts],
+    )
+
+
 async def upsert_device(conn: Conn, tenant: str, device: str, body: dict[str, Any]) -> None:
     await conn.execute(
         """INSERT INTO devices (tenant, id, site, name, adms_sn) VALUES ($1, $2, $3, $4, $5)

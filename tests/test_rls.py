@@ -45,6 +45,12 @@ async def twins(owner: asyncpg.Connection) -> AsyncIterator[tuple[str, str]]:
             uuid.uuid4(),
             now,
         )
+        await owner.execute(
+            """INSERT INTO schedules (tenant, employee, site, starts_at, ends_at)
+               VALUES ($1, 'e1', 'hq', $2::timestamptz, $2::timestamptz + interval '8 hours')""",
+            slug,
+            now,
+        )
         await store.record_audit(
             owner,
             tenant=slug,
@@ -82,7 +88,7 @@ async def tenant_tables(owner: asyncpg.Connection) -> list[str]:
 
 async def test_every_tenant_table_has_row_level_security(owner: asyncpg.Connection) -> None:
     tables = await tenant_tables(owner)
-    assert {"sites", "employees", "devices", "punches", "audit_log"} <= set(tables)
+    assert {"sites", "employees", "devices", "punches", "audit_log", "schedules"} <= set(tables)
     for table in [*tables, "tenants"]:
         enabled = await owner.fetchval(
             "SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass", table
