@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -186,23 +184,16 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="attendance-fanout-"))
     with bench.fresh_database(args.pg, keep=False) as dsn:
         port = bench.free_port()
-        env = dict(os.environ)
-        env.update(
+        env = bench.hub_env(
+            dsn,
+            port,
             {
-                "ATTENDANCE_DATABASE_URL": dsn,
-                "ATTENDANCE_SECRET": secrets.token_urlsafe(48),
-                "ATTENDANCE_HOST": "127.0.0.1",
-                "ATTENDANCE_PORT": str(port),
                 # Every dashboard comes from 127.0.0.1.
                 "ATTENDANCE_CONNECT_RATE_PER_IP": "0",
                 "ATTENDANCE_REST_RATE_PER_IP": "0",
-            }
+            },
         )
-        created = subprocess.run(
-            [sys.executable, "-m", "hub.cli", "tenant", "create", bench.TENANT],
-            env=env, cwd=bench.REPO, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        admin = json.loads(created.stdout.strip().splitlines()[-1])["admin_token"]
+        admin = bench.create_tenant(env)
         argv = [sys.executable, "-m", "hub.cli", "serve"]
         with bench.serving("hub", argv, env, port, "/readyz", logs) as server:
             terminals = asyncio.run(

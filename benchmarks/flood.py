@@ -17,7 +17,6 @@ import base64
 import dataclasses
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -198,25 +197,18 @@ def main() -> None:
     flood_counts = []
     with bench.fresh_database(options.pg, keep=False) as dsn:
         port = bench.free_port()
-        env = dict(os.environ)
-        env.update(
+        env = bench.hub_env(
+            dsn,
+            port,
             {
-                "ATTENDANCE_DATABASE_URL": dsn,
-                "ATTENDANCE_SECRET": secrets.token_urlsafe(48),
-                "ATTENDANCE_HOST": "127.0.0.1",
-                "ATTENDANCE_PORT": str(port),
                 # Every client here comes from 127.0.0.1: only the per-connection limits act.
                 "ATTENDANCE_CONNECT_RATE_PER_IP": "1000000",
                 "ATTENDANCE_CONNECT_BURST_PER_IP": "1000000",
                 "ATTENDANCE_REST_RATE_PER_IP": "1000000",
                 "ATTENDANCE_REST_BURST_PER_IP": "1000000",
-            }
+            },
         )
-        created = subprocess.run(
-            [sys.executable, "-m", "hub.cli", "tenant", "create", bench.TENANT],
-            env=env, cwd=bench.REPO, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        admin = json.loads(created.stdout.strip().splitlines()[-1])["admin_token"]
+        admin = bench.create_tenant(env)
         argv = [sys.executable, "-m", "hub.cli", "serve"]
         with bench.serving("hub", argv, env, port, "/readyz", logs) as server:
             all_tokens = asyncio.run(

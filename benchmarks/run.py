@@ -289,6 +289,34 @@ async def provision_hub(base: str, admin_token: str, employees: int, devices: in
     return [str(answer["token"]) for answer in answers]
 
 
+def hub_env(database_url: str, port: int, settings: dict[str, str]) -> dict[str, str]:
+    """The environment for ``hub.cli``: this process's, a fresh secret, and ``settings``."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "ATTENDANCE_DATABASE_URL": database_url,
+            "ATTENDANCE_SECRET": secrets.token_urlsafe(48),
+            "ATTENDANCE_HOST": "127.0.0.1",
+            "ATTENDANCE_PORT": str(port),
+            **settings,
+        }
+    )
+    return env
+
+
+def create_tenant(env: dict[str, str]) -> str:
+    """Create the benchmark tenant with ``attendance-hub tenant create``; its admin token."""
+    created = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "tenant", "create", TENANT],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return str(json.loads(created.stdout.strip().splitlines()[-1])["admin_token"])
+
+
 def run_server(
     name: str, options: Options, logs: Path, dsn: str, outcome: Outcome, rounds: int
 ) -> None:
@@ -297,14 +325,11 @@ def run_server(
     tokens = logs / f"{name}-tokens.txt"
     env = dict(os.environ)
     if name == "hub":
-        env.update(
+        env = hub_env(
+            # asyncpg passes a DSN's unknown query parameters on as server settings.
+            dsn + (f"?{urlencode(options.hub_pg_settings)}" if options.hub_pg_settings else ""),
+            port,
             {
-                # asyncpg passes a DSN's unknown query parameters on as server settings.
-                "ATTENDANCE_DATABASE_URL": dsn
-                + (f"?{urlencode(options.hub_pg_settings)}" if options.hub_pg_settings else ""),
-                "ATTENDANCE_SECRET": secrets.token_urlsafe(48),
-                "ATTENDANCE_HOST": "127.0.0.1",
-                "ATTENDANCE_PORT": str(port),
                 # Every terminal here comes from one address and punches far faster than a
                 # real one; limits this high stay in the measured path but never refuse.
                 "ATTENDANCE_RATE_PER_S": "1000000",
@@ -314,7 +339,7 @@ def run_server(
                 "ATTENDANCE_REST_RATE_PER_IP": "1000000",
                 "ATTENDANCE_REST_BURST_PER_IP": "1000000",
                 **options.hub_env,
-            }
+            },
         )
         argv = [python, "-m", "hub.cli", "serve"]
         if options.gc_probe:
@@ -326,15 +351,7 @@ def run_server(
             if options.gc_threshold:
                 env["GC_PROBE_THRESHOLD"] = options.gc_threshold
         ready = "/readyz"
-        created = subprocess.run(
-            [python, "-m", "hub.cli", "tenant", "create", TENANT],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        admin_token = json.loads(created.stdout.strip().splitlines()[-1])["admin_token"]
+        admin_token = create_tenant(env)
     else:
         argv = [python, str(HERE / "baselines.py"), name, "--port", str(port)]
         if name == "naive":

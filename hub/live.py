@@ -206,9 +206,6 @@ class Live:
         for tenant, channel in list(self._joined.get(listener, ())):
             self.leave(listener, tenant, channel)
 
-    def listeners(self, tenant: str, channel: str) -> int:
-        return len(self._listeners.get((tenant, channel), ()))
-
     def _publish(self, tenant: str, channel: str, deltas: list[Delta]) -> None:
         listeners = self._listeners.get((tenant, channel))
         if not listeners:
