@@ -72,6 +72,7 @@ class Hub:
         # request asks for, such as following device revocations.
         self._system_pool: asyncpg.Pool | None = None
         self._following: asyncio.Task[None] | None = None
+        self._clock: asyncio.Task[None] | None = None
         # Tenants known to exist, so that a signed token of a missing tenant is refused.
         self._tenants: set[str] = set()
         self._batcher: PunchBatcher | None = None
@@ -103,6 +104,7 @@ class Hub:
             await self.devices.refresh(conn)
             placed = await self.live.load(conn)
         log.info("presence rebuilt from PostgreSQL: %d employees placed", placed)
+        self._clock = asyncio.create_task(self.live.keep_time(), name="presence-clock")
         self._following = asyncio.create_task(
             self.devices.follow(self._system_pool), name="device-revocations"
         )
@@ -129,10 +131,11 @@ class Hub:
         await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
 
     async def stop(self) -> None:
-        if self._following is not None:
-            self._following.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._following
+        for task in (self._following, self._clock):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._retention is not None:
             await self._retention.stop()
         if self._batcher is not None:

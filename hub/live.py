@@ -4,25 +4,35 @@ Presence changes only after commit: the punch batcher hands over each batch's
 stored punches once PostgreSQL has committed them, before any of them is
 acked, and the deltas go out in the order the state changed. Each delta is
 encoded and framed once per subprotocol, whatever the number of listeners.
+
+The clock moves floors too: ``keep_time`` wakes when a planned shift's grace
+period ends or the shift does, so the late appear (and go) without any punch.
+An employee's ``me`` channel carries their own member, acks of their punches
+made on other devices, and notices for them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Final, NamedTuple, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, NamedTuple, Protocol
 
 from hub import protocol as p
 from hub.presence import (
     Delta,
     Member,
     PresencePunch,
+    Shift,
     Snapshot,
     TenantFloor,
     TerminalBoard,
     TerminalMember,
+    Ticked,
+    me_channel_name,
 )
 from hub.types import Conn
 from hub.wsproto import Framed, frame_message
@@ -45,6 +55,24 @@ DEVICES_SQL: Final = """
 SELECT tenant, id, site, name FROM devices WHERE revoked_at IS NULL
 """
 
+# Planned shifts that have not ended, of employees who are not erased.
+SHIFTS_SQL: Final = """
+SELECT s.tenant, s.employee, e.name, s.site, s.starts_at, s.ends_at
+  FROM schedules s
+  JOIN employees e ON e.tenant = s.tenant AND e.id = s.employee
+ WHERE s.ends_at > now() AND e.erased_at IS NULL
+ ORDER BY s.tenant, s.employee, s.starts_at
+"""
+
+# Sites whose policy sets its own grace period.
+GRACE_SQL: Final = """
+SELECT tenant, id, (policy->>'grace_minutes')::int AS minutes
+  FROM sites WHERE policy ? 'grace_minutes'
+"""
+
+# The longest the clock sleeps without looking again, whatever the schedules say.
+CLOCK_MAX_SLEEP_S: Final = 60.0
+
 # Flags found by presence (odd sequences, late arrivals), added to the stored punches.
 FLAG_SQL: Final = """
 UPDATE punches p SET flags = array_append(p.flags, f.flag)
@@ -60,6 +88,10 @@ class Listener(Protocol):
 
     def send_framed(self, framed: Framed, tag: str) -> None: ...
 
+    def awaits_ack(self, punch_id: uuid.UUID) -> bool:
+        """Whether this socket sent that punch and is still to be answered."""
+        ...
+
 
 class Flag(NamedTuple):
     tenant: str
@@ -71,6 +103,7 @@ class Live:
     """Floors, subscriptions and fan-out for every tenant served by this process.
 
     ``base_version`` starts every channel's version sequence (see ``TenantFloor``).
+    Channels are keyed by their name in this process: ``me`` is ``me:<employee>``.
     """
 
     def __init__(self, base_version: int) -> None:
@@ -79,6 +112,8 @@ class Live:
         self._boards: dict[str, TerminalBoard] = {}
         self._listeners: dict[tuple[str, str], set[Listener]] = {}
         self._joined: dict[Listener, set[tuple[str, str]]] = {}
+        # Set when a schedule or a grace period changed: the clock looks again.
+        self._replanned = asyncio.Event()
 
     def floor(self, tenant: str) -> TenantFloor:
         floor = self._floors.get(tenant)
@@ -123,26 +158,59 @@ class Live:
         now = _now()
         for device in await conn.fetch(DEVICES_SQL):
             self.board(device["tenant"]).known(device["id"], device["site"], device["name"], now)
+        for site in await conn.fetch(GRACE_SQL):
+            self.floor(site["tenant"]).set_grace(
+                site["id"], timedelta(minutes=site["minutes"]), now
+            )
+        plans: dict[tuple[str, str, str], list[Shift]] = {}
+        for shift in await conn.fetch(SHIFTS_SQL):
+            plans.setdefault((shift["tenant"], shift["employee"], shift["name"]), []).append(
+                Shift(shift["site"], shift["starts_at"], shift["ends_at"])
+            )
+        for (tenant, employee, name), shifts in plans.items():
+            self.floor(tenant).plan(employee, name, shifts, now)
         return len(rows)
 
     def committed(self, stored: Iterable[tuple[PunchRequest, PunchOutcome]]) -> list[Flag]:
-        """Punches just committed: move the floors, send the deltas, return the flags found."""
+        """Punches just committed: move the floors, send the deltas, return the flags found.
+
+        An employee's ``me`` hears of each punch stored for them, except on the
+        socket that sent it (that one gets its own ack).
+        """
         flags = []
+        now = _now()
         # A commit's deltas go out per channel in one piece, in the order they happened.
         deltas: dict[tuple[str, str], list[Delta]] = {}
         for request, outcome in stored:
-            assert outcome.employee is not None and outcome.site is not None
+            employee = outcome.employee
+            assert employee is not None and outcome.site is not None
             punch = PresencePunch(
                 request.id,
-                outcome.employee,
-                outcome.name or outcome.employee,
+                employee,
+                outcome.name or employee,
                 outcome.site,
                 request.kind,
                 request.at,
             )
-            flag, caused = self.floor(request.tenant).apply(punch)
+            flag, caused = self.floor(request.tenant).apply(punch, now)
+            me = (request.tenant, me_channel_name(employee))
+            if me in self._listeners:
+                made = p.Ack(
+                    id=request.id,
+                    status=outcome.status,
+                    received_at=p.format_time(outcome.received_at),
+                    channel="me",
+                    employee=employee,
+                    kind=request.kind,
+                    at=p.format_time(request.at),
+                    site=outcome.site,
+                    source=request.source,
+                )
+                self._deliver(me, [made], "ack", sent_by=request.id)
             if flag is not None:
                 flags.append(Flag(request.tenant, request.id, flag))
+                if me in self._listeners:
+                    self._deliver(me, [_flag_notice(punch, flag, now)], "notice")
             for delta in caused:
                 deltas.setdefault((request.tenant, delta.channel), []).append(delta)
         for (tenant, channel), in_order in deltas.items():
@@ -153,17 +221,64 @@ class Live:
         self._send_all(tenant, self.floor(tenant).rename(employee, name))
 
     def forget(self, tenant: str, employee: str, name: str) -> None:
-        self._send_all(tenant, self.floor(tenant).forget(employee, name))
+        self._send_all(tenant, self.floor(tenant).forget(employee, name, _now()))
+
+    def plan(self, tenant: str, employee: str, name: str, shifts: Iterable[Shift]) -> None:
+        """The employee's planned shifts were replaced: they may be late, or no longer."""
+        planned = tuple(shifts)
+        now = _now()
+        self._moved(tenant, self.floor(tenant).plan(employee, name, planned, now))
+        self._replanned.set()
+        me = (tenant, me_channel_name(employee))
+        if me in self._listeners:
+            self._deliver(me, [_schedule_notice(planned, now)], "notice")
+
+    def set_grace(self, tenant: str, site: str, grace: timedelta) -> None:
+        """A site's grace period changed (its policy was written)."""
+        self._moved(tenant, self.floor(tenant).set_grace(site, grace, _now()))
+        self._replanned.set()
+
+    def tick(self, now: datetime) -> None:
+        """Move every floor to ``now``: shifts whose grace period or whose end has come."""
+        for tenant, floor in list(self._floors.items()):
+            self._moved(tenant, floor.tick(now))
+
+    def next_due(self) -> datetime | None:
+        dues = [due for floor in self._floors.values() if (due := floor.next_due()) is not None]
+        return min(dues, default=None)
+
+    async def keep_time(self) -> None:
+        """Run for the life of the process: tick whenever a shift makes someone late or not."""
+        while True:
+            self._replanned.clear()
+            due = self.next_due()
+            sleep = CLOCK_MAX_SLEEP_S
+            if due is not None:
+                sleep = min(sleep, max(0.0, (due - _now()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._replanned.wait(), sleep)
+            try:
+                self.tick(_now())
+            except Exception:
+                log.exception("the presence clock failed to tick; trying again")
+
+    def _moved(self, tenant: str, ticked: Ticked) -> None:
+        self._send_all(tenant, ticked.deltas)
+        for employee, shift in ticked.late:
+            me = (tenant, me_channel_name(employee))
+            if me in self._listeners:
+                self._deliver(me, [_late_notice(shift)], "notice")
 
     def join(
         self, listener: Listener, tenant: str, channel: str, since: int | None, ref: str | None
     ) -> list[p.ServerFrame]:
         """Subscribe; the frames to send now: ``subscribed``, then a snapshot or the missed deltas.
 
-        The caller has checked that the role may subscribe and that the site exists.
+        ``channel`` is the name in this process (``me:<employee>`` for ``me``). The
+        caller has checked that the role may subscribe and that the site exists.
         """
-        kind, _, site = channel.partition(":")
-        if kind not in ("presence", "terminals"):
+        kind, _, name = channel.partition(":")
+        if kind not in ("presence", "terminals", "me"):
             return [
                 p.Error(
                     code="unknown_channel",
@@ -174,18 +289,27 @@ class Live:
         key = (tenant, channel)
         self._listeners.setdefault(key, set()).add(listener)
         self._joined.setdefault(listener, set()).add(key)
-        state = self.floor(tenant) if kind == "presence" else self.board(tenant)
-        missed = None if since is None else state.channel(site).since(since)
+        public = public_channel(channel)
+        floor, board = self.floor(tenant), self.board(tenant)
+        held = {
+            "presence": floor.channel,
+            "terminals": board.channel,
+            "me": floor.me_channel,
+        }[kind](name)
+        missed = None if since is None else held.since(since)
         if missed is not None:
-            version = state.channel(site).version
             return [
-                p.Subscribed(channel=channel, version=version, recovered=True, ref=ref),
+                p.Subscribed(channel=public, version=held.version, recovered=True, ref=ref),
                 *(delta_frame(delta) for delta in missed),
             ]
-        snapshot = state.snapshot(site)
+        taken = {
+            "presence": floor.snapshot,
+            "terminals": board.snapshot,
+            "me": floor.me_snapshot,
+        }[kind](name)
         return [
-            p.Subscribed(channel=channel, version=snapshot.version, recovered=False, ref=ref),
-            snapshot_frame(snapshot),
+            p.Subscribed(channel=public, version=taken.version, recovered=False, ref=ref),
+            snapshot_frame(taken),
         ]
 
     def leave(self, listener: Listener, tenant: str, channel: str) -> None:
@@ -207,19 +331,92 @@ class Live:
             self.leave(listener, tenant, channel)
 
     def _publish(self, tenant: str, channel: str, deltas: list[Delta]) -> None:
-        listeners = self._listeners.get((tenant, channel))
+        if (tenant, channel) in self._listeners:
+            self._deliver((tenant, channel), [delta_frame(delta) for delta in deltas], "delta")
+
+    def _deliver(
+        self,
+        key: tuple[str, str],
+        frames: list[p.ServerFrame],
+        tag: str,
+        sent_by: uuid.UUID | None = None,
+    ) -> None:
+        """Send ``frames`` to a channel's listeners, encoded and framed once per subprotocol.
+
+        A listener still awaiting the ack of punch ``sent_by`` is left out.
+        """
+        listeners = self._listeners.get(key)
         if not listeners:
             return
-        frames = [delta_frame(delta) for delta in deltas]
         encoded: dict[str, Framed] = {}
         for listener in list(listeners):
+            if sent_by is not None and listener.awaits_ack(sent_by):
+                continue
             codec = listener.codec
             framed = encoded.get(codec.subprotocol)
             if framed is None:
                 payloads = tuple(codec.encode(frame) for frame in frames)
                 data = b"".join(frame_message(payload, codec.binary) for payload in payloads)
                 framed = encoded[codec.subprotocol] = Framed(payloads, data)
-            listener.send_framed(framed, "delta")
+            listener.send_framed(framed, tag)
+
+
+def public_channel(name: str) -> str:
+    """The channel's name as clients know it: every employee's own channel is ``me``."""
+    return "me" if name.startswith("me:") else name
+
+
+def _flag_notice(punch: PresencePunch, flag: str, now: datetime) -> p.Notice:
+    at = p.format_time(punch.at)
+    if flag == "out_of_order":
+        message = (
+            f"your {punch.kind} punch at {at} arrived after a later one; it is stored, "
+            "and your status follows the later one"
+        )
+    else:
+        message = f"your {punch.kind} punch at {at} did not follow from your status; it is stored"
+    return p.Notice(
+        channel="me",
+        kind="punch_flagged",
+        at=p.format_time(now),
+        message=message,
+        detail={"id": str(punch.id), "flag": flag, "kind": punch.kind, "punch_at": at},
+    )
+
+
+def _late_notice(shift: Shift) -> p.Notice:
+    start = p.format_time(shift.start)
+    return p.Notice(
+        channel="me",
+        kind="late",
+        at=p.format_time(_now()),
+        message=f"your shift at {shift.site} started at {start} and you have not clocked in",
+        detail=_shift_detail(shift),
+    )
+
+
+def _schedule_notice(shifts: tuple[Shift, ...], now: datetime) -> p.Notice:
+    upcoming = sorted((s for s in shifts if s.end > now), key=lambda s: s.start)
+    detail: dict[str, Any] = {"shifts": len(upcoming)}
+    if upcoming:
+        detail["next"] = _shift_detail(upcoming[0])
+        message = (
+            f"your planned shifts changed; next: {upcoming[0].site} "
+            f"from {p.format_time(upcoming[0].start)}"
+        )
+    else:
+        message = "your planned shifts changed; none are planned now"
+    return p.Notice(
+        channel="me", kind="schedule", at=p.format_time(now), message=message, detail=detail
+    )
+
+
+def _shift_detail(shift: Shift) -> dict[str, str]:
+    return {
+        "site": shift.site,
+        "start": p.format_time(shift.start),
+        "end": p.format_time(shift.end),
+    }
 
 
 def _now() -> datetime:
@@ -246,7 +443,7 @@ def member_frame(member: Member | TerminalMember) -> p.PresenceMember | p.Termin
 
 def delta_frame(delta: Delta) -> p.Delta:
     return p.Delta(
-        channel=delta.channel,
+        channel=public_channel(delta.channel),
         version=delta.version,
         changes=[member_frame(m) for m in delta.changes],
     )
@@ -254,7 +451,7 @@ def delta_frame(delta: Delta) -> p.Delta:
 
 def snapshot_frame(snapshot: Snapshot) -> p.Snapshot:
     return p.Snapshot(
-        channel=snapshot.channel,
+        channel=public_channel(snapshot.channel),
         version=snapshot.version,
         members=[member_frame(m) for m in snapshot.members],
     )

@@ -25,11 +25,12 @@ the snapshot at the later version.
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from datetime import datetime
-from typing import Final, Literal
+from datetime import datetime, timedelta
+from typing import Final, Literal, NamedTuple
 
 import msgspec
 
@@ -49,6 +50,9 @@ _EXPECTED: Final[dict[str, frozenset[State]]] = {
     "break_start": frozenset({"in"}),
     "break_end": frozenset({"break"}),
 }
+
+# How long after a shift starts its employee counts as late, unless the site's policy says.
+DEFAULT_GRACE: Final = timedelta(minutes=5)
 
 # Deltas kept per channel for clients that reconnect with `since`.
 LOG_LENGTH: Final = 1024
@@ -126,6 +130,11 @@ def channel_name(site: str) -> str:
     return f"presence:{site}"
 
 
+def me_channel_name(employee: str) -> str:
+    """How this process names an employee's ``me`` channel; clients only ever see ``me``."""
+    return f"me:{employee}"
+
+
 class Channel:
     """One site's floor: its version, and the recent deltas that led to it."""
 
@@ -152,24 +161,64 @@ class Channel:
         return list(self._log)[version - first + 1 :]
 
 
+class Shift(msgspec.Struct, frozen=True):
+    """A planned shift: the employee is expected on ``site`` from ``start`` to ``end``."""
+
+    site: str
+    start: datetime
+    end: datetime
+
+
+class Ticked(NamedTuple):
+    """What the clock moved: the deltas, and who just became late for which shift."""
+
+    deltas: list[Delta]
+    late: list[tuple[str, Shift]]
+
+
 class TenantFloor:
-    """Every site's floor of one tenant.
+    """Every site's floor of one tenant, and each employee's own ``me`` channel.
 
     ``base_version`` starts every channel's sequence: pick one larger than any
     version handed out before (the hub uses the time of start in microseconds),
     so a client holding a version from an earlier run gets a snapshot rather
     than deltas that do not follow from what it has.
+
+    Floors show everyone ``in`` or on ``break``, and the late: employees whose
+    planned shift started more than the site's grace period ago, who are out and
+    have not punched since the shift started. Lateness is state like the rest,
+    moved by punches and by ``tick``: the owner calls ``tick(now)`` at
+    ``next_due()``, so a snapshot only changes along with a delta.
     """
 
     def __init__(self, base_version: int) -> None:
         self._base = base_version
         self._latest: dict[str, _Latest] = {}
         self._channels: dict[str, Channel] = {}
+        # Planned shifts that have not ended, by employee, in order of start.
+        self._shifts: dict[str, list[Shift]] = {}
+        # Names of scheduled employees (one who never punched can be late).
+        self._names: dict[str, str] = {}
+        self._grace: dict[str, timedelta] = {}
+        # Employees shown late, with the shift they are late for.
+        self._late: dict[str, Shift] = {}
+        # When each scheduled employee's lateness may next change; the heap holds
+        # stale entries too, recognised by not matching ``_next``.
+        self._due: list[tuple[datetime, str]] = []
+        self._next: dict[str, datetime] = {}
+        self._me: dict[str, Channel] = {}
 
     def channel(self, site: str) -> Channel:
         channel = self._channels.get(site)
         if channel is None:
             channel = self._channels[site] = Channel(channel_name(site), self._base)
+        return channel
+
+    def me_channel(self, employee: str) -> Channel:
+        """The employee's own channel; it records changes from the first time it is asked for."""
+        channel = self._me.get(employee)
+        if channel is None:
+            channel = self._me[employee] = Channel(me_channel_name(employee), self._base)
         return channel
 
     def state_of(self, employee: str) -> State | None:
@@ -181,63 +230,192 @@ class TenantFloor:
         for punch in punches:
             self._take(punch)
 
-    def apply(self, punch: PresencePunch) -> tuple[str | None, list[Delta]]:
+    def apply(self, punch: PresencePunch, now: datetime) -> tuple[str | None, list[Delta]]:
         """A committed punch: its flag (None if not odd) and the deltas it causes, in order.
 
         A punch older than the employee's latest changes nothing: no deltas, and the
         flag ``out_of_order``.
         """
-        before = self._latest.get(punch.employee)
+        employee = punch.employee
+        before = self._latest.get(employee)
         if before is not None and (punch.at, punch.id) <= (before.at, before.id):
             if punch.id == before.id:
                 return None, []
             return "out_of_order", []
         flag = flag_for(None if before is None else before.state, punch.kind)
-        after = self._take(punch)
-        was_here = before is not None and before.state != "out"
-        deltas = []
-        if before is not None and was_here and before.site != after.site:
-            # Gone from the floor it was on.
-            gone = Member(punch.employee, punch.name, "out", punch.at, before.site)
-            deltas.append(self.channel(before.site).record((gone,)))
-        if after.state != "out" or (before is not None and was_here and before.site == after.site):
-            deltas.append(self.channel(after.site).record((_member(punch.employee, after),)))
-        return flag, deltas
+        shown, own = self._shown(employee), self._own(employee)
+        self._take(punch)
+        self._judge(employee, now)
+        return flag, self._changes(employee, shown, own, punch.at)
 
     def rename(self, employee: str, name: str) -> list[Delta]:
-        """The employee's name changed: a delta if they are on a floor."""
+        """The employee's name changed: a delta where they are shown."""
+        shown, own = self._shown(employee), self._own(employee)
         latest = self._latest.get(employee)
-        if latest is None or latest.name == name:
-            return []
-        latest.name = name
-        if latest.state == "out":
-            return []
-        return [self.channel(latest.site).record((_member(employee, latest),))]
+        if latest is not None:
+            latest.name = name
+        if employee in self._names:
+            self._names[employee] = name
+        return self._changes(employee, shown, own, None)
 
-    def forget(self, employee: str, name: str) -> list[Delta]:
+    def forget(self, employee: str, name: str, now: datetime) -> list[Delta]:
         """The employee was erased: off every floor, and nothing kept of them here.
 
-        ``name`` is what the last delta shows instead of their name.
+        ``name`` is what the last deltas show instead of their name.
         """
-        latest = self._latest.pop(employee, None)
-        if latest is None or latest.state == "out":
-            return []
-        gone = Member(employee, name, "out", latest.at, latest.site)
-        return [self.channel(latest.site).record((gone,))]
+        shown, own = self._shown(employee), self._own(employee)
+        self._latest.pop(employee, None)
+        self._shifts.pop(employee, None)
+        self._names.pop(employee, None)
+        self._late.pop(employee, None)
+        self._next.pop(employee, None)
+        deltas = self._changes(employee, shown, own, now, name)
+        self._me.pop(employee, None)
+        return deltas
+
+    def plan(self, employee: str, name: str, shifts: Iterable[Shift], now: datetime) -> Ticked:
+        """Replace the employee's planned shifts (those that ended are dropped)."""
+        kept = sorted((s for s in shifts if s.end > now), key=lambda s: s.start)
+        if kept:
+            self._shifts[employee] = kept
+            self._names[employee] = name
+        else:
+            self._shifts.pop(employee, None)
+            self._names.pop(employee, None)
+        return self._rejudge([employee], now)
+
+    def set_grace(self, site: str, grace: timedelta, now: datetime) -> Ticked:
+        """A site's grace period: how long after a shift starts its employee is late."""
+        if self._grace.get(site, DEFAULT_GRACE) == grace:
+            return Ticked([], [])
+        self._grace[site] = grace
+        planned_here = [
+            e for e, shifts in self._shifts.items() if any(s.site == site for s in shifts)
+        ]
+        return self._rejudge(planned_here, now)
+
+    def next_due(self) -> datetime | None:
+        """When ``tick`` next has something to do; None if nobody is scheduled."""
+        due, next_ = self._due, self._next
+        while due and next_.get(due[0][1]) != due[0][0]:
+            heapq.heappop(due)
+        return due[0][0] if due else None
+
+    def tick(self, now: datetime) -> Ticked:
+        """The clock reached ``now``: shifts that started or ended move the floors."""
+        due, next_ = self._due, self._next
+        employees = []
+        while due and due[0][0] <= now:
+            at, employee = heapq.heappop(due)
+            if next_.get(employee) == at:
+                del next_[employee]
+                employees.append(employee)
+        return self._rejudge(employees, now)
 
     def snapshot(self, site: str) -> Snapshot:
         channel = self.channel(site)
+        shown = (self._shown(employee) for employee in {*self._latest, *self._late})
         members = tuple(
             sorted(
-                (
-                    _member(employee, latest)
-                    for employee, latest in self._latest.items()
-                    if latest.site == site and latest.state != "out"
-                ),
+                (member for member in shown if member is not None and member.site == site),
                 key=lambda m: m.employee,
             )
         )
         return Snapshot(channel.name, channel.version, members)
+
+    def me_snapshot(self, employee: str) -> Snapshot:
+        """The employee as their own channel shows them: state and lateness, even when out."""
+        channel = self.me_channel(employee)
+        own = self._own(employee)
+        return Snapshot(channel.name, channel.version, () if own is None else (own,))
+
+    def _shown(self, employee: str) -> Member | None:
+        """The employee as the floors show them, or None where no floor does."""
+        latest = self._latest.get(employee)
+        if latest is not None and latest.state != "out":
+            return _member(employee, latest)
+        shift = self._late.get(employee)
+        if shift is not None:
+            return Member(employee, self._name(employee), "out", shift.start, shift.site, True)
+        return None
+
+    def _own(self, employee: str) -> Member | None:
+        shown = self._shown(employee)
+        if shown is not None:
+            return shown
+        latest = self._latest.get(employee)
+        return None if latest is None else _member(employee, latest)
+
+    def _name(self, employee: str) -> str:
+        latest = self._latest.get(employee)
+        return latest.name if latest is not None else self._names.get(employee, employee)
+
+    def _changes(
+        self,
+        employee: str,
+        shown: Member | None,
+        own: Member | None,
+        when: datetime | None,
+        gone_name: str | None = None,
+    ) -> list[Delta]:
+        """The deltas that take clients from ``shown`` and ``own`` to what they are now.
+
+        A member who leaves a floor is shown there a last time as ``out`` (not late),
+        since ``when`` (the last ``since`` it had there when that is None).
+        """
+        deltas = []
+        after = self._shown(employee)
+        if shown is not None and (after is None or after.site != shown.site):
+            gone = Member(employee, gone_name or shown.name, "out", when or shown.since, shown.site)
+            deltas.append(self.channel(shown.site).record((gone,)))
+        if after is not None and after != shown:
+            deltas.append(self.channel(after.site).record((after,)))
+        me = self._me.get(employee)
+        if me is not None:
+            own_after = self._own(employee)
+            if own_after != own:
+                # On `me` a delta holds all there is to show: the member, or nothing.
+                deltas.append(me.record(() if own_after is None else (own_after,)))
+        return deltas
+
+    def _rejudge(self, employees: Iterable[str], now: datetime) -> Ticked:
+        deltas: list[Delta] = []
+        late = []
+        for employee in employees:
+            shown, own = self._shown(employee), self._own(employee)
+            was = self._late.get(employee)
+            self._judge(employee, now)
+            shift = self._late.get(employee)
+            if shift is not None and shift != was:
+                late.append((employee, shift))
+            deltas.extend(self._changes(employee, shown, own, now))
+        return Ticked(deltas, late)
+
+    def _judge(self, employee: str, now: datetime) -> None:
+        """Decide whether the employee is late at ``now``, and when to look again."""
+        shifts = self._shifts.get(employee, [])
+        while shifts and shifts[0].end <= now:
+            shifts.pop(0)
+        if not shifts:
+            self._shifts.pop(employee, None)
+            self._names.pop(employee, None)
+            self._late.pop(employee, None)
+            self._next.pop(employee, None)
+            return
+        latest = self._latest.get(employee)
+        current, grace = shifts[0], self._grace.get(shifts[0].site, DEFAULT_GRACE)
+        due = current.start + grace
+        if due <= now < current.end and (
+            latest is None or (latest.state == "out" and latest.at < current.start)
+        ):
+            self._late[employee] = current
+        else:
+            self._late.pop(employee, None)
+        # Looked at again when the grace period is over, then when the shift ends.
+        wake = due if now < due < current.end else current.end
+        if self._next.get(employee) != wake:
+            self._next[employee] = wake
+            heapq.heappush(self._due, (wake, employee))
 
     def _take(self, punch: PresencePunch) -> _Latest:
         latest = _Latest(punch.at, punch.id, STATE_AFTER[punch.kind], punch.site, punch.name)

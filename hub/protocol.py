@@ -99,12 +99,23 @@ class Welcome(_ServerFrame, tag="welcome"):
 
 
 class Ack(_ServerFrame, tag="ack"):
+    """The answer to a punch; on ``me``, news of the employee's own punch made elsewhere.
+
+    The fields from ``channel`` on appear only on ``me``: they say what was stored.
+    """
+
     # A punch's UUID as it was decoded: msgspec writes its canonical text itself.
     id: uuid.UUID | str
     status: AckStatus
     reason: str | None = None
     received_at: str | None = None
     ref: str | None = None
+    channel: str | None = None
+    employee: str | None = None
+    kind: str | None = None
+    at: str | None = None
+    site: str | None = None
+    source: str | None = None
 
 
 class Pong(_ServerFrame, tag="pong"):
@@ -174,8 +185,28 @@ class Delta(_ServerFrame, tag="delta"):
     changes: list[PresenceMember | TerminalMember]
 
 
+class Notice(_ServerFrame, tag="notice"):
+    """Something an employee's phone should tell its owner, on ``me`` (not stored)."""
+
+    channel: str
+    kind: str
+    at: str
+    message: str
+    detail: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 ServerFrame = (
-    Welcome | Ack | Pong | Refreshed | Error | Drain | Subscribed | Unsubscribed | Snapshot | Delta
+    Welcome
+    | Ack
+    | Pong
+    | Refreshed
+    | Error
+    | Drain
+    | Subscribed
+    | Unsubscribed
+    | Snapshot
+    | Delta
+    | Notice
 )
 
 

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from hub import store
 from hub.auth import DeviceState
 from hub.live import snapshot_frame
+from hub.presence import DEFAULT_GRACE, Shift
 from hub.protocol import (
     AwareTime,
     Badge,
@@ -254,6 +255,10 @@ class Api:
             await store.upsert_site(conn, claims.tenant, site, values)
             after = await store.get_row(conn, "sites", store.SITE_COLUMNS, claims.tenant, site)
             await self.audit(conn, request, claims, "site.put", f"site:{site}", before, after)
+        grace = body.policy.grace_minutes
+        self.hub.live.set_grace(
+            claims.tenant, site, DEFAULT_GRACE if grace is None else timedelta(minutes=grace)
+        )
         return json_response(after, 201 if before is None else 200)
 
     async def get_site(self, request: Request) -> Response:
@@ -606,7 +611,7 @@ class Api:
                                f"{format_time(later[1])} overlap")  # fmt: skip
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
             row = await store.get_row(
-                conn, "employees", "erased_at", claims.tenant, employee, lock=True
+                conn, "employees", "name, erased_at", claims.tenant, employee, lock=True
             )
             if row is None:
                 raise ApiError(404, f"no employee {employee!r}")
@@ -629,6 +634,13 @@ class Api:
                 {"shifts": [_shift_json(shift) for shift in before]},
                 {"shifts": after},
             )
+        # Committed: from now on these shifts decide whether the employee is late.
+        self.hub.live.plan(
+            claims.tenant,
+            employee,
+            row["name"],
+            (Shift(site, start, end) for site, start, end in planned),
+        )
         return json_response({"employee": employee, "shifts": after})
 
     # -- presence -------------------------------------------------------------

@@ -228,6 +228,10 @@ async def erase_employee(conn: Conn, tenant: str, employee: str) -> None:
         employee,
         ERASED_NAME,
     )
+    # Planned shifts are about the person and decide nothing once they are gone.
+    await conn.execute(
+        "DELETE FROM schedules WHERE tenant = $1 AND employee = $2", tenant, employee
+    )
 
 
 async def count_punches(conn: Conn, tenant: str, employee: str) -> int:

@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from starlette.types import Send as AsgiSend
 from hub import metrics
 from hub import protocol as p
 from hub.limits import FrameLimiter, client_address
+from hub.presence import me_channel_name
 from hub.session import (
     CLOSE_BAD_TOKEN,
     CLOSE_HELLO_REQUIRED,
@@ -43,7 +45,7 @@ from hub.session import (
     Session,
     SubmitPunch,
 )
-from hub.tokens import TokenError
+from hub.tokens import Claims, TokenError
 from hub.wsproto import CORK_EXTENSION, Framed, frame_message
 from workers.persist import PunchOutcome, StoreUnavailable
 
@@ -101,6 +103,8 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         # While the client is over its rate, nothing is read from it until this (loop time).
         self._paused_until = 0.0
+        # Punches this socket sent that are still to be answered.
+        self._awaiting: set[uuid.UUID] = set()
 
     async def run(self) -> None:
         writer = self._writer = asyncio.create_task(
@@ -301,8 +305,12 @@ class Connection:
                 )
             )
             return
-        for frame in self.hub.live.join(self, claims.tenant, join.channel, join.since, join.ref):
+        channel = _internal_channel(join.channel, claims)
+        for frame in self.hub.live.join(self, claims.tenant, channel, join.since, join.ref):
             self.send(frame)
+
+    def awaits_ack(self, punch_id: uuid.UUID) -> bool:
+        return punch_id in self._awaiting
 
     async def _tenant_exists(self, token: str) -> bool:
         """False only for a valid token whose tenant does not exist; the session judges the rest."""
@@ -344,7 +352,7 @@ class Connection:
                 case Leave(channel=channel, ref=ref):
                     claims = self.session.claims
                     assert claims is not None
-                    self.hub.live.leave(self, claims.tenant, channel)
+                    self.hub.live.leave(self, claims.tenant, _internal_channel(channel, claims))
                     self.send(p.Unsubscribed(channel=channel, ref=ref))
                 case Join():
                     # Needs the database (does the site exist?): _read awaits it.
@@ -364,6 +372,7 @@ class Connection:
             return
 
         def reply(outcome: PunchOutcome | Exception) -> None:
+            self._awaiting.discard(punch_id)
             if isinstance(outcome, StoreUnavailable):
                 self.send(
                     p.Error(
@@ -396,6 +405,7 @@ class Connection:
                 )
             )
 
+        self._awaiting.add(punch_id)
         self.hub.batcher.enqueue(action.request, reply)
 
     async def _write(self) -> None:
@@ -527,6 +537,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return bytes(value).decode("latin-1")
     return None
+
+
+def _internal_channel(channel: str, claims: Claims) -> str:
+    """The name ``Live`` knows a channel by: ``me`` is the employee's own."""
+    if channel == "me" and claims.employee is not None:
+        return me_channel_name(claims.employee)
+    return channel
 
 
 def _nothing() -> None:
