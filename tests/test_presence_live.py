@@ -243,6 +243,8 @@ async def test_the_rest_snapshot_is_the_subscribers_snapshot(tenant: TenantKit) 
         ("admin", {}, "weather:hq", "unknown_channel"),
         ("admin", {}, "presence:", "unknown_channel"),
         ("supervisor", {"sites": ["hq"]}, "me", "forbidden"),
+        ("admin", {}, "me", "forbidden"),
+        ("employee", {"employee": "e1"}, "me", None),
     ],
 )
 async def test_who_may_subscribe_to_what(

@@ -291,6 +291,14 @@ def test_deeply_nested_frames_are_frame_errors(subprotocol: str, depth: int) -> 
          {"type": "delta", "channel": "presence:hq", "version": 4, "changes": [
              {"employee": "e2", "name": "Bo", "state": "out", "since": "s", "site": "hq",
               "late": True}]}),
+        (p.Ack(id=PUNCH_ID, status="accepted", received_at="r", channel="me", employee="e1",
+               kind="in", at="a", site="hq", source="terminal"),
+         {"type": "ack", "id": PUNCH_ID, "status": "accepted", "received_at": "r",
+          "channel": "me", "employee": "e1", "kind": "in", "at": "a", "site": "hq",
+          "source": "terminal"}),
+        (p.Notice(channel="me", kind="late", at="a", message="m", detail={"site": "hq"}),
+         {"type": "notice", "channel": "me", "kind": "late", "at": "a", "message": "m",
+          "detail": {"site": "hq"}}),
     ],
 )  # fmt: skip
 def test_server_frames_encode_with_type_tag_and_omit_unset_optionals(
@@ -318,6 +326,7 @@ def test_every_server_frame_type_is_covered() -> None:
         "drain",
         "subscribed",
         "unsubscribed",
+        "notice",
         "snapshot",
         "delta",
     }
