@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -159,6 +160,16 @@ async def provision_demo(dsn: str, secret: str) -> dict[str, str]:
             await store.upsert_device(
                 conn, "demo", "door-1", {"site": "hq", "name": "Front door", "adms_sn": None}
             )
+            # Edsger's shift started half an hour ago and he has not come: the floor shows
+            # him late. Alan's starts in a minute: he turns late while you watch.
+            now = datetime.now(UTC).replace(second=0, microsecond=0)
+            for employee, start in (
+                ("edsger", now - timedelta(minutes=30)),
+                ("alan", now + timedelta(minutes=1)),
+            ):
+                await store.replace_schedule(
+                    conn, "demo", employee, [("hq", start, start + timedelta(hours=8))]
+                )
     finally:
         await conn.close()
     issuer = TokenIssuer(secret)
@@ -251,11 +262,13 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
 def _print_demo(base: str, tokens: dict[str, str]) -> None:
     print(
         "Demo tenant `demo`: site `hq`, employees ada grace alan katherine edsger "
-        "(badges 1001-1005), terminal `door-1`."
+        "(badges 1001-1005), terminal `door-1`. Edsger is late for his shift; Alan will be "
+        "in six minutes unless he clocks in."
     )
     for role, token in tokens.items():
         print(f"  {role:<10} token: {token}")
     print(f"Try:  curl -H 'Authorization: Bearer {tokens['admin'][:12]}...' {base}/v1/employees")
+    print(f"      curl -H 'Authorization: Bearer <supervisor token>' {base}/v1/presence/hq")
     print(flush=True)
 
 

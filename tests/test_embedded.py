@@ -317,6 +317,12 @@ async def test_demo_prints_tokens_that_work(embedded: Embedded) -> None:
         response = await http.get("/v1/sites")
         assert response.status_code == 200, response.text
         assert [s["id"] for s in response.json()["sites"]] == ["hq"]
+        # The demo's floor has someone late on it from the start.
+        response = await http.get("/v1/presence/hq")
+        assert response.status_code == 200, response.text
+        assert [(m["employee"], m["state"], m.get("late")) for m in response.json()["members"]] == [
+            ("edsger", "out", True)
+        ]
     at_the_door = punch_frame(badge="1002")
     assert (await _punch(hub, tokens["terminal"], at_the_door))["status"] == "accepted"
     on_the_phone = punch_frame("ada", method="mobile")
