@@ -417,13 +417,11 @@ class TenantFloor:
             self._next[employee] = wake
             heapq.heappush(self._due, (wake, employee))
 
-    def _take(self, punch: PresencePunch) -> _Latest:
+    def _take(self, punch: PresencePunch) -> None:
         latest = _Latest(punch.at, punch.id, STATE_AFTER[punch.kind], punch.site, punch.name)
         before = self._latest.get(punch.employee)
         if before is None or (latest.at, latest.id) > (before.at, before.id):
             self._latest[punch.employee] = latest
-            return latest
-        return before
 
 
 class _Device(msgspec.Struct):
