@@ -192,8 +192,14 @@ class Live:
                 request.kind,
                 request.at,
             )
-            flag, caused = self.floor(request.tenant).apply(punch, now)
+            floor = self.floor(request.tenant)
+            was_late = floor.late_for(employee)
+            flag, caused = floor.apply(punch, now)
             me = (request.tenant, me_channel_name(employee))
+            late = floor.late_for(employee)
+            if late is not None and late != was_late and me in self._listeners:
+                # Late through a punch: an `out` from before the shift, from an offline queue.
+                self._deliver(me, [_late_notice(late)], "notice")
             if me in self._listeners:
                 made = p.Ack(
                     id=request.id,
@@ -250,17 +256,18 @@ class Live:
     async def keep_time(self) -> None:
         """Run for the life of the process: tick whenever a shift makes someone late or not."""
         while True:
-            self._replanned.clear()
-            due = self.next_due()
-            sleep = CLOCK_MAX_SLEEP_S
-            if due is not None:
-                sleep = min(sleep, max(0.0, (due - _now()).total_seconds()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._replanned.wait(), sleep)
             try:
+                self._replanned.clear()
+                due = self.next_due()
+                sleep = CLOCK_MAX_SLEEP_S
+                if due is not None:
+                    sleep = min(sleep, max(0.0, (due - _now()).total_seconds()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._replanned.wait(), sleep)
                 self.tick(_now())
             except Exception:
-                log.exception("the presence clock failed to tick; trying again")
+                log.exception("the presence clock failed; it carries on within a minute")
+                await asyncio.sleep(1)
 
     def _moved(self, tenant: str, ticked: Ticked) -> None:
         self._send_all(tenant, ticked.deltas)

@@ -149,6 +149,29 @@ class Channel:
         self._log.append(delta)
         return delta
 
+    def redact(self, employee: str, name: str) -> None:
+        """Show ``name`` for the employee in every delta still in the log (after an erasure)."""
+        self._log = deque(
+            (
+                Delta(
+                    delta.channel,
+                    delta.version,
+                    tuple(
+                        msgspec.structs.replace(change, name=name)
+                        if isinstance(change, Member) and change.employee == employee
+                        else change
+                        for change in delta.changes
+                    ),
+                )
+                for delta in self._log
+            ),
+            maxlen=LOG_LENGTH,
+        )
+
+    def clear(self) -> None:
+        """Forget the log, keep the version: a client behind it gets a snapshot."""
+        self._log.clear()
+
     def since(self, version: int) -> list[Delta] | None:
         """The deltas after ``version``, or None if they are not all in the log any more."""
         if version == self.version:
@@ -221,6 +244,10 @@ class TenantFloor:
             channel = self._me[employee] = Channel(me_channel_name(employee), self._base)
         return channel
 
+    def late_for(self, employee: str) -> Shift | None:
+        """The shift the employee is shown late for, if any."""
+        return self._late.get(employee)
+
     def state_of(self, employee: str) -> State | None:
         latest = self._latest.get(employee)
         return None if latest is None else latest.state
@@ -261,7 +288,8 @@ class TenantFloor:
     def forget(self, employee: str, name: str, now: datetime) -> list[Delta]:
         """The employee was erased: off every floor, and nothing kept of them here.
 
-        ``name`` is what the last deltas show instead of their name.
+        ``name`` is what the last deltas show instead of their name, and what the
+        deltas still kept for recovery show from now on.
         """
         shown, own = self._shown(employee), self._own(employee)
         self._latest.pop(employee, None)
@@ -270,7 +298,12 @@ class TenantFloor:
         self._late.pop(employee, None)
         self._next.pop(employee, None)
         deltas = self._changes(employee, shown, own, now, name)
-        self._me.pop(employee, None)
+        for channel in self._channels.values():
+            channel.redact(employee, name)
+        me = self._me.get(employee)
+        if me is not None:
+            # Its version stays, so that a phone that held the old one gets a snapshot.
+            me.clear()
         return deltas
 
     def plan(self, employee: str, name: str, shifts: Iterable[Shift], now: datetime) -> Ticked:

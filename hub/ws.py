@@ -17,7 +17,7 @@ import math
 import random
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -103,8 +103,8 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         # While the client is over its rate, nothing is read from it until this (loop time).
         self._paused_until = 0.0
-        # Punches this socket sent that are still to be answered.
-        self._awaiting: set[uuid.UUID] = set()
+        # Punches this socket sent that are still to be answered, with how many copies.
+        self._awaiting: Counter[uuid.UUID] = Counter()
 
     async def run(self) -> None:
         writer = self._writer = asyncio.create_task(
@@ -372,7 +372,10 @@ class Connection:
             return
 
         def reply(outcome: PunchOutcome | Exception) -> None:
-            self._awaiting.discard(punch_id)
+            awaiting = self._awaiting
+            awaiting[punch_id] -= 1
+            if not awaiting[punch_id]:
+                del awaiting[punch_id]
             if isinstance(outcome, StoreUnavailable):
                 self.send(
                     p.Error(
@@ -405,7 +408,7 @@ class Connection:
                 )
             )
 
-        self._awaiting.add(punch_id)
+        self._awaiting[punch_id] += 1
         self.hub.batcher.enqueue(action.request, reply)
 
     async def _write(self) -> None:

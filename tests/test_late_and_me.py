@@ -336,6 +336,31 @@ async def test_notices_for_the_owner_late_schedule_and_odd_punches(tenant: Tenan
     await mine.close()
 
 
+async def test_an_offline_out_from_before_the_shift_makes_its_owner_late_and_tells_them(
+    tenant: TenantKit,
+) -> None:
+    now = datetime.now(UTC)
+    door = await tenant.connect()
+    came = punch_frame("e2", at=iso(now - timedelta(minutes=60)))
+    assert (await door.punch(came))["status"] == "accepted"
+    await plan(tenant, "e2", (now - timedelta(minutes=20), now + timedelta(hours=1)))
+    mine = await phone(tenant, "e2")
+    await subscribe(mine, "me")
+    [member] = (await mine.recv())["members"]
+    assert (member["state"], "late" in member) == ("in", False)
+    # Queued on a terminal: e2 had left before the shift began.
+    left = punch_frame("e2", kind="out", at=iso(now - timedelta(minutes=30)), offline=True)
+    assert (await door.punch(left))["status"] == "accepted"
+    got = await frames(mine, 3)
+    assert [f["type"] for f in got if f["type"] != "notice"] == ["ack", "delta"]
+    [notice] = [f for f in got if f["type"] == "notice"]
+    assert (notice["kind"], notice["detail"]["site"]) == ("late", "hq")
+    [state] = [f for f in got if f["type"] == "delta"]
+    assert [(m["state"], m["late"]) for m in state["changes"]] == [("out", True)]
+    await door.close()
+    await mine.close()
+
+
 async def test_me_recovers_missed_changes_and_unsubscribes(tenant: TenantKit) -> None:
     mine = await phone(tenant)
     subscribed = await subscribe(mine, "me")

@@ -535,6 +535,34 @@ def test_me_shows_the_employee_even_when_out_and_follows_every_change() -> None:
     assert (last.channel, last.changes) == ("me:e1", ())
 
 
+def test_after_an_erasure_no_delta_kept_for_recovery_names_the_employee() -> None:
+    floor = TenantFloor(BASE)
+    floor.me_channel("e1")
+    floor.apply(punch("e1", "in", 0), at(0))
+    floor.apply(punch("e2", "in", 1), at(1))
+    floor.forget("e1", "[erased]", at(2))
+    kept = floor.channel("hq").since(BASE)
+    assert kept is not None and len(kept) == 3
+    assert [(m.employee, m.name) for d in kept for m in d.changes] == [
+        ("e1", "[erased]"),
+        ("e2", "Name e2"),
+        ("e1", "[erased]"),
+    ]
+    # `me` keeps its version but none of its deltas: a phone that held any version gets a
+    # snapshot, which is empty.
+    me = floor.me_channel("e1")
+    assert me.version == BASE + 2
+    assert me.since(BASE) is None and me.since(BASE + 1) is None
+    assert floor.me_snapshot("e1") == Snapshot("me:e1", BASE + 2, ())
+
+
+def test_late_for_names_the_shift() -> None:
+    floor = planned_floor()
+    assert floor.late_for("e1") is None
+    floor.tick(at(5))
+    assert floor.late_for("e1") == SHIFT
+
+
 def test_nothing_is_recorded_for_a_me_channel_nobody_asked_for() -> None:
     floor = TenantFloor(BASE)
     _, deltas = floor.apply(punch("e1", "in", 0), at(0))
