@@ -8,10 +8,12 @@ import gc
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from hub import metrics, store
 from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
+from hub.broker import Broker, open_broker
 from hub.config import Settings
 from hub.limits import (
     AddressLimiter,
@@ -34,12 +37,14 @@ from hub.limits import (
 from hub.live import FLAG_SQL, Flag, Live
 from hub.migrate import migrate
 from hub.protocol import SUBPROTOCOLS, Codec
+from hub.redis_keys import RedisKeys
 from hub.rest import Api, ApiError, error_response
 from hub.session import CLOSE_BAD_TOKEN
 from hub.tokens import TokenError, TokenIssuer
 from hub.ws import Connection, websocket_endpoint
-from workers.persist import PunchBatcher, PunchOutcome, PunchRequest
+from workers.persist import PunchOutcome, PunchRequest
 from workers.retention import RetentionJob
+from workers.stream import StreamWorker
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,13 @@ log = logging.getLogger(__name__)
 class Hub:
     """Everything a request or a session needs, created once per process."""
 
-    def __init__(self, settings: Settings, dsn: str, secret: str) -> None:
+    def __init__(self, settings: Settings, dsn: str, secret: str, *, worker: bool = True) -> None:
+        """``worker`` False leaves committing to separate ``attendance-hub worker`` processes
+        (only with Redis: without it the hub always commits itself)."""
         self.settings = settings
+        # Names this run of the hub to the workers that answer its punches.
+        self.run_id = uuid.uuid4().hex
+        self._run_worker = worker
         self.dsn = dsn
         self.tokens = TokenIssuer(secret, settings.secret_previous)
         self.devices = DeviceRegistry(self._retire_device)
@@ -75,7 +85,10 @@ class Hub:
         self._clock: asyncio.Task[None] | None = None
         # Tenants known to exist, so that a signed token of a missing tenant is refused.
         self._tenants: set[str] = set()
-        self._batcher: PunchBatcher | None = None
+        self._broker: Broker | None = None
+        self._worker: StreamWorker | None = None
+        self._working: asyncio.Task[None] | None = None
+        self._redis: aioredis.Redis | None = None
         self._retention: RetentionJob | None = None
 
     @property
@@ -84,9 +97,9 @@ class Hub:
         return self._pool
 
     @property
-    def batcher(self) -> PunchBatcher:
-        assert self._batcher is not None, "the hub has not started"
-        return self._batcher
+    def broker(self) -> Broker:
+        assert self._broker is not None, "the hub has not started"
+        return self._broker
 
     async def start(self) -> None:
         # Migrate as the connecting role, before the pool's connections take the
@@ -108,14 +121,21 @@ class Hub:
         self._following = asyncio.create_task(
             self.devices.follow(self._system_pool), name="device-revocations"
         )
-        self._batcher = PunchBatcher(
-            self._pool,
-            max_batch=self.settings.batch_max,
-            wait_ms=self.settings.batch_wait_ms,
-            concurrency=self.settings.batch_concurrency,
-            on_committed=self.committed,
-        )
-        self._batcher.start()
+        self._broker = open_broker(self.settings, self._pool, self.run_id, self.committed)
+        await self._broker.start()
+        if self.settings.redis_url is not None and self._run_worker:
+            # One process does it all, on Redis: a worker of its own besides any others.
+            self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+            worker = self._worker = StreamWorker(
+                self._redis,
+                RedisKeys(self.settings.redis_prefix),
+                self._pool,
+                f"hub-{self.run_id}",
+                batch_max=self.settings.batch_max,
+                claim_idle_ms=self.settings.claim_idle_ms,
+                max_deliveries=self.settings.max_deliveries,
+            )
+            self._working = asyncio.create_task(worker.run(), name="stream-worker")
         # Retention deletes across tenants: the system pool, not the application role.
         self._retention = RetentionJob(self._system_pool, self.settings)
         self._retention.start()
@@ -126,8 +146,8 @@ class Hub:
         self.draining = True
         if self._retention is not None:
             await self._retention.stop()
-        if self._batcher is not None:
-            await self._batcher.flush()
+        if self._broker is not None:
+            await self._broker.flush()
         await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
 
     async def stop(self) -> None:
@@ -138,8 +158,13 @@ class Hub:
                     await task
         if self._retention is not None:
             await self._retention.stop()
-        if self._batcher is not None:
-            await self._batcher.stop()
+        if self._broker is not None:
+            await self._broker.stop()
+        if self._worker is not None and self._working is not None:
+            self._worker.stop()
+            await self._working
+        if self._redis is not None:
+            await self._redis.aclose()
         if self._flagging:
             await asyncio.gather(*self._flagging, return_exceptions=True)
         for pool in (self._pool, self._system_pool):
@@ -216,7 +241,8 @@ class Hub:
                 await conn.fetchval("SELECT 1", timeout=2)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             return [f"database unreachable: {exc or type(exc).__name__}"]
-        return []
+        problem = await self.broker.check()
+        return [] if problem is None else [problem]
 
 
 def _tune_garbage_collector() -> None:

@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 import uvicorn
 
 from hub import audit, store
@@ -22,8 +26,10 @@ from hub.app import Hub, create_app
 from hub.config import ConfigError, Settings
 from hub.embedded_pg import DataDirBusy, EmbeddedPostgres, EmbeddedStartError
 from hub.migrate import migrate
+from hub.redis_keys import RedisKeys
 from hub.tokens import TokenIssuer, load_or_create_secret
 from hub.wsproto import HubWebSocketProtocol
+from workers.stream import StreamWorker
 
 log = logging.getLogger("attendance_hub")
 
@@ -225,11 +231,11 @@ class _HubServer(uvicorn.Server):
 
 
 def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
-    if no_workers:
+    if no_workers and settings.redis_url is None:
         raise CliError(
             "--no-workers hands punches to separate `attendance-hub worker` processes over "
-            "Redis (ATTENDANCE_REDIS_URL); this build runs its persistence worker in-process, "
-            "so start `attendance-hub serve` without --no-workers"
+            "Redis: set ATTENDANCE_REDIS_URL (and ATTENDANCE_DATABASE_URL), or start "
+            "`attendance-hub serve` without --no-workers"
         )
     with open_database(settings, serving=True) as database:
         asyncio.run(_migrate(database.dsn))
@@ -237,7 +243,7 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
         if demo:
             tokens = asyncio.run(provision_demo(database.dsn, database.secret))
             _print_demo(base, tokens)
-        hub = Hub(settings, database.dsn, database.secret)
+        hub = Hub(settings, database.dsn, database.secret, worker=not no_workers)
         config = uvicorn.Config(
             create_app(hub),
             host=settings.host,
@@ -257,6 +263,44 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
             flush=True,
         )
         server.run()
+
+
+def run_worker(settings: Settings, name: str | None) -> None:
+    """``attendance-hub worker``: commit punches from the hubs' Redis stream until stopped."""
+    if settings.redis_url is None:
+        raise CliError(
+            "`attendance-hub worker` reads punches that hubs hand over through Redis: "
+            "set ATTENDANCE_REDIS_URL (the same as the hubs')"
+        )
+    with open_database(settings, serving=False) as database:
+        asyncio.run(_migrate(database.dsn))
+        asyncio.run(_work(settings, settings.redis_url, database.dsn, name))
+
+
+async def _work(settings: Settings, redis_url: str, dsn: str, name: str | None) -> None:
+    consumer = name or f"{socket.gethostname()}-{os.getpid()}"
+    pool = await store.create_pool(dsn, min_size=1, max_size=settings.db_pool_size)
+    redis = aioredis.Redis.from_url(redis_url)
+    worker = StreamWorker(
+        redis,
+        RedisKeys(settings.redis_prefix),
+        pool,
+        consumer,
+        batch_max=settings.batch_max,
+        claim_idle_ms=settings.claim_idle_ms,
+        max_deliveries=settings.max_deliveries,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # The batch in hand is finished and answered first.
+        loop.add_signal_handler(sig, worker.stop)
+    print(f"attendance-hub worker {consumer} committing punches from Redis", flush=True)
+    try:
+        await worker.run()
+        log.info("worker %s stopped", consumer)
+    finally:
+        await redis.aclose()
+        await pool.close()
 
 
 def _print_demo(base: str, tokens: dict[str, str]) -> None:
@@ -295,7 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         "verify", help="recompute each tenant's audit hash chain; exit 1 if any is broken"
     )
     verify_cmd.add_argument("--tenant", metavar="SLUG", help="only this tenant")
-    commands.add_parser("worker", help="run a persistence worker (scale-out mode)")
+    worker_cmd = commands.add_parser("worker", help="run a persistence worker (needs Redis)")
+    worker_cmd.add_argument(
+        "--name",
+        help="consumer name; a worker started again under its old name first re-reads the "
+        "punches it had taken and not answered (default: host-pid)",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -314,11 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "audit":
             _audit_verify(settings, args.tenant)
         elif args.command == "worker":
-            raise CliError(
-                "`attendance-hub worker` needs ATTENDANCE_REDIS_URL and the Redis stream "
-                "handoff, which this build does not have yet; `attendance-hub serve` runs "
-                "the persistence worker in-process"
-            )
+            run_worker(settings, args.name)
     except (CliError, ConfigError) as exc:
         print(f"attendance-hub: {exc}", file=sys.stderr)
         sys.exit(2)

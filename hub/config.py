@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from hub.limits import FLOOD_WINDOW_S, normalize_origin
+from hub.redis_keys import DEFAULT_PREFIX
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,8 @@ def _days(env: dict[str, str], name: str, default: int) -> int:
 class Settings:
     database_url: str | None
     redis_url: str | None
+    # Starts every Redis key and channel name (hub/redis_keys.py).
+    redis_prefix: str
     host: str
     port: int
     secret: str | None
@@ -83,6 +87,12 @@ class Settings:
     # Days a punch (by `at`) and an audit row are kept; 0 keeps them for ever.
     retention_punches_days: int
     retention_audit_days: int
+    # With Redis: how long a hub waits for a worker's answer before telling the client to
+    # resend; how long a punch a worker took may go unanswered before another worker takes
+    # it over; how many deliveries a punch gets before it goes to the dead letters.
+    ack_timeout_s: int
+    claim_idle_ms: int
+    max_deliveries: int
 
     @property
     def embedded(self) -> bool:
@@ -113,6 +123,7 @@ class Settings:
         return cls(
             database_url=database_url,
             redis_url=redis_url,
+            redis_prefix=_redis_prefix(env),
             host=env.get("ATTENDANCE_HOST") or "127.0.0.1",
             port=_int(env, "ATTENDANCE_PORT", 8080),
             secret=env.get("ATTENDANCE_SECRET") or None,
@@ -143,7 +154,17 @@ class Settings:
             rest_burst_per_ip=_int(env, "ATTENDANCE_REST_BURST_PER_IP", 1000, minimum=1),
             retention_punches_days=_days(env, "ATTENDANCE_RETENTION_PUNCHES_DAYS", 2557),
             retention_audit_days=_days(env, "ATTENDANCE_RETENTION_AUDIT_DAYS", 1096),
+            ack_timeout_s=_int(env, "ATTENDANCE_ACK_TIMEOUT_S", 10, minimum=1),
+            claim_idle_ms=_int(env, "ATTENDANCE_CLAIM_IDLE_MS", 30_000, minimum=100),
+            max_deliveries=_int(env, "ATTENDANCE_MAX_DELIVERIES", 5, minimum=1),
         )
+
+
+def _redis_prefix(env: dict[str, str]) -> str:
+    prefix = env.get("ATTENDANCE_REDIS_PREFIX") or DEFAULT_PREFIX
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", prefix):
+        raise ConfigError("ATTENDANCE_REDIS_PREFIX must be 1-64 of A-Z a-z 0-9 . _ -")
+    return prefix
 
 
 def _keys(env: dict[str, str], name: str) -> tuple[str, ...]:

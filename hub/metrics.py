@@ -120,3 +120,12 @@ def refusals(limit: str) -> Counter:
 
 for _limit in LIMITS:
     refusals(_limit)
+
+RECLAIMED = Counter(
+    "attendance_stream_reclaimed_total",
+    "Punch stream entries a worker took over from one that left them unanswered.",
+)
+DEAD_LETTERS = Counter(
+    "attendance_stream_dead_letters_total",
+    "Punch stream entries moved to the dead letters after too many deliveries.",
+)

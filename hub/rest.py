@@ -583,7 +583,7 @@ class Api:
                 )
         if outcome.status == "accepted":
             # Committed with the audit row: now the floor may change.
-            self.hub.committed([(punch, outcome)])
+            await self.hub.broker.announce([(punch, outcome)])
         return json_response(answer, 201 if outcome.status == "accepted" else 200)
 
     # -- schedules ------------------------------------------------------------

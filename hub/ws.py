@@ -409,7 +409,7 @@ class Connection:
             )
 
         self._awaiting[punch_id] += 1
-        self.hub.batcher.enqueue(action.request, reply)
+        self.hub.broker.enqueue(action.request, reply)
 
     async def _write(self) -> None:
         send = self._asgi_send

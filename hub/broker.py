@@ -1,0 +1,288 @@
+"""Where a hub's punches go to be committed, and how committed punches reach every hub.
+
+Two brokers with one narrow interface, chosen in one place (``open_broker``):
+
+* ``LocalBroker``, without ``ATTENDANCE_REDIS_URL``: the persistence worker runs in the
+  hub's own process (``PunchBatcher``), and committed punches move this hub's presence.
+* ``RedisBroker``, with it: the hub adds each punch to a Redis stream
+  (``self._keys.punches``); ``attendance-hub worker`` processes read it as a consumer
+  group, commit, then publish each outcome to the hub that asked (``redis_keys.acks``) and
+  the committed punches to every hub (``self._keys.committed``), and only then
+  acknowledge the stream entries. A punch whose outcome does not come back in time is
+  answered ``unavailable``: the client keeps it and resends, and a punch stored meanwhile
+  is then answered ``duplicate``. Nothing is acked before it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import Final, Protocol
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from hub.config import Settings
+from hub.redis_keys import RedisKeys
+from workers.persist import (
+    Committed,
+    PunchBatcher,
+    PunchOutcome,
+    PunchRequest,
+    Reply,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# What travels through Redis, as msgpack.
+# An outcome, or why the punch was not stored (the client resends it).
+AckMessage = list[tuple[int, PunchOutcome | str]]
+CommittedMessage = list[tuple[PunchRequest, PunchOutcome]]
+
+ENCODER: Final = msgspec.msgpack.Encoder()
+PUNCH_DECODER: Final = msgspec.msgpack.Decoder(PunchRequest)
+ACK_DECODER: Final = msgspec.msgpack.Decoder(AckMessage)
+COMMITTED_DECODER: Final = msgspec.msgpack.Decoder(CommittedMessage)
+
+# Most punches one XADD pipeline carries.
+SEND_BATCH: Final = 512
+
+
+class Broker(Protocol):
+    """Hands punches over to be committed and answers each one once."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Answer what is waiting (committed, or ``StoreUnavailable``), then stop."""
+        ...
+
+    def enqueue(self, request: PunchRequest, reply: Reply) -> None:
+        """Hand a punch over; ``reply`` is called once, after its commit or its failure."""
+        ...
+
+    async def flush(self) -> None:
+        """Wait until every punch handed over so far has been answered."""
+        ...
+
+    async def announce(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
+        """Punches this hub committed itself (a correction): tell every hub's presence."""
+        ...
+
+    async def check(self) -> str | None:
+        """Why the broker cannot take punches now, or None if it can."""
+        ...
+
+
+class LocalBroker:
+    """The persistence worker in this process."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, on_committed: Committed) -> None:
+        self._on_committed = on_committed
+        self._batcher = PunchBatcher(
+            pool,
+            max_batch=settings.batch_max,
+            wait_ms=settings.batch_wait_ms,
+            concurrency=settings.batch_concurrency,
+            on_committed=on_committed,
+        )
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def stop(self) -> None:
+        await self._batcher.stop()
+
+    def enqueue(self, request: PunchRequest, reply: Reply) -> None:
+        self._batcher.enqueue(request, reply)
+
+    async def flush(self) -> None:
+        await self._batcher.flush()
+
+    async def announce(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
+        self._on_committed(stored)
+
+    async def check(self) -> str | None:
+        return None
+
+
+class _Waiting(msgspec.Struct):
+    reply: Reply
+    deadline: float
+
+
+class RedisBroker:
+    """Punches through a Redis stream to the workers; outcomes and presence by pub/sub.
+
+    ``hub`` names this process for the workers' answers: a fresh one per run, so
+    that answers meant for an earlier run of the hub reach nobody.
+    ``ack_timeout_s`` is how long a punch may wait for its outcome.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        keys: RedisKeys,
+        hub: str,
+        on_committed: Committed,
+        *,
+        ack_timeout_s: float,
+    ) -> None:
+        self.hub = hub
+        self._keys = keys
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._on_committed = on_committed
+        self._ack_timeout_s = ack_timeout_s
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, _Waiting] = {}
+        self._outbox: list[tuple[int, PunchRequest]] = []
+        self._has_mail = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listening = asyncio.Event()
+        # Set whenever a punch is answered, for ``flush``.
+        self._answered = asyncio.Event()
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="broker-listen"),
+            asyncio.create_task(self._send(), name="broker-send"),
+            asyncio.create_task(self._expire(), name="broker-expire"),
+        ]
+        # Answers can only be heard once subscribed: wait for that before taking punches.
+        await asyncio.wait_for(self._listening.wait(), 30)
+
+    async def stop(self) -> None:
+        # The loops notice and end between Redis commands: cancelling one midway can leave
+        # its connection half open.
+        self._closing = True
+        self._closed.set()
+        self._has_mail.set()
+        await asyncio.gather(*self._tasks)
+        self._outbox.clear()
+        self._fail(list(self._waiting), "the hub is shutting down")
+        await self._redis.aclose()
+
+    def enqueue(self, request: PunchRequest, reply: Reply) -> None:
+        if self._closing:
+            reply(StoreUnavailable("the hub is shutting down"))
+            return
+        token = next(self._tokens)
+        self._waiting[token] = _Waiting(reply, time.monotonic() + self._ack_timeout_s)
+        self._outbox.append((token, request))
+        self._has_mail.set()
+
+    async def flush(self) -> None:
+        while self._waiting:
+            self._answered.clear()
+            await self._answered.wait()
+
+    async def announce(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
+        try:
+            await self._redis.publish(self._keys.committed, ENCODER.encode(stored))
+        except (RedisError, OSError) as exc:
+            # Committed all the same; presence catches up from PostgreSQL on the next start.
+            log.warning("could not announce %d committed punches: %s", len(stored), exc)
+
+    async def check(self) -> str | None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            return f"Redis does not answer: {exc}"
+        if not self._listening.is_set():
+            return "not subscribed to Redis for answers"
+        return None
+
+    def _fail(self, tokens: list[int], why: str) -> None:
+        for token in tokens:
+            waiting = self._waiting.pop(token, None)
+            if waiting is not None:
+                waiting.reply(StoreUnavailable(why))
+        self._answered.set()
+
+    async def _send(self) -> None:
+        while not self._closing:
+            await self._has_mail.wait()
+            self._has_mail.clear()
+            while self._outbox and not self._closing:
+                sending, self._outbox = self._outbox[:SEND_BATCH], self._outbox[SEND_BATCH:]
+                pipe = self._redis.pipeline(transaction=False)
+                hub = self.hub.encode()
+                for token, request in sending:
+                    fields = {b"hub": hub, b"token": token, b"punch": ENCODER.encode(request)}
+                    pipe.xadd(self._keys.punches, fields)  # type: ignore[arg-type]
+                try:
+                    await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    log.warning("could not hand %d punches to Redis: %s", len(sending), exc)
+                    self._fail([token for token, _ in sending], "Redis is unavailable")
+
+    async def _listen(self) -> None:
+        channels = (self._keys.acks(self.hub), self._keys.committed)
+        while not self._closing:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*channels)
+                self._listening.set()
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=0.2)
+                    if message is not None:
+                        self._heard(message["channel"].decode(), message["data"])
+            except (RedisError, OSError) as exc:
+                self._listening.clear()
+                log.warning("lost the Redis subscription (%s); subscribing again", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _heard(self, channel: str, data: bytes) -> None:
+        if channel == self._keys.committed:
+            try:
+                self._on_committed(COMMITTED_DECODER.decode(data))
+            except Exception:
+                log.exception("presence update from committed punches failed")
+            return
+        for token, outcome in ACK_DECODER.decode(data):
+            waiting = self._waiting.pop(token, None)
+            if waiting is None:
+                # Answered already (timed out, and the client resends), or another run's.
+                continue
+            if isinstance(outcome, str):
+                waiting.reply(StoreUnavailable(outcome))
+            else:
+                waiting.reply(outcome)
+        self._answered.set()
+
+    async def _expire(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), min(1.0, self._ack_timeout_s / 4))
+                return
+            now = time.monotonic()
+            late = [token for token, w in self._waiting.items() if w.deadline <= now]
+            if late:
+                log.warning("%d punches got no answer from the workers in time", len(late))
+                self._fail(late, "no worker answered in time")
+
+
+def open_broker(
+    settings: Settings, pool: asyncpg.Pool, hub: str, on_committed: Committed
+) -> Broker:
+    """The broker the settings ask for: Redis when ``ATTENDANCE_REDIS_URL`` is set."""
+    if settings.redis_url is None:
+        return LocalBroker(pool, settings, on_committed)
+    return RedisBroker(
+        settings.redis_url,
+        RedisKeys(settings.redis_prefix),
+        hub,
+        on_committed,
+        ack_timeout_s=settings.ack_timeout_s,
+    )

@@ -1,0 +1,348 @@
+"""The broker contract: the in-process broker and the Redis one (with a stream worker) answer
+punches alike; then what only the Redis one has: timeouts, restarts, reclaiming, dead letters.
+
+Real PostgreSQL and real Redis, in this process: no hub, no WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from hub import store
+from hub.broker import ENCODER, Broker, LocalBroker, RedisBroker
+from hub.config import Settings
+from hub.redis_keys import WORKER_GROUP, RedisKeys
+from workers.persist import PunchOutcome, PunchRequest, StoreUnavailable
+from workers.stream import StreamWorker
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def pool(owner: asyncpg.Connection, database: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await store.create_pool(database, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def tenant(owner: asyncpg.Connection) -> str:
+    slug = f"b-{uuid.uuid4().hex[:10]}"
+    await store.ensure_tenant(owner, slug, slug, "UTC")
+    site = {"name": "HQ", "timezone": "UTC", "lat": None, "lon": None, "radius_m": None}
+    await store.upsert_site(owner, slug, "hq", {**site, "policy": {}})
+    await store.upsert_employee(owner, slug, "e1", {"name": "One", "site": "hq", "badge": "b1"})
+    return slug
+
+
+def request(tenant: str, **fields: Any) -> PunchRequest:
+    now = datetime.now(UTC)
+    values: dict[str, Any] = {
+        "tenant": tenant,
+        "id": uuid.uuid4(),
+        "kind": "in",
+        "at": now,
+        "received_at": now,
+        "source": "terminal",
+        "employee": "e1",
+        "device": "door",
+    }
+    values.update(fields)
+    return PunchRequest(**values)
+
+
+@dataclass
+class Rig:
+    """A broker, what it told presence, and (Redis only) its Redis, keys and worker runner."""
+
+    broker: Broker
+    committed: list[tuple[PunchRequest, PunchOutcome]] = field(default_factory=list)
+    redis: aioredis.Redis | None = None
+    keys: RedisKeys | None = None
+    pool: asyncpg.Pool | None = None
+    workers: list[tuple[StreamWorker, asyncio.Task[None]]] = field(default_factory=list)
+
+    def worker(
+        self, name: str, *, claim_idle_ms: int = 30_000, deliveries: int = 5
+    ) -> StreamWorker:
+        assert self.redis is not None and self.keys is not None and self.pool is not None
+        return StreamWorker(
+            self.redis,
+            self.keys,
+            self.pool,
+            name,
+            batch_max=64,
+            claim_idle_ms=claim_idle_ms,
+            max_deliveries=deliveries,
+        )
+
+    def run_worker(self, name: str) -> None:
+        worker = self.worker(name)
+        self.workers.append((worker, asyncio.create_task(worker.run())))
+
+    async def stop_workers(self) -> None:
+        for worker, _ in self.workers:
+            worker.stop()
+        await asyncio.gather(*(task for _, task in self.workers))
+        self.workers.clear()
+
+
+async def submit(broker: Broker, punch: PunchRequest) -> PunchOutcome:
+    future: asyncio.Future[PunchOutcome] = asyncio.get_running_loop().create_future()
+
+    def reply(outcome: PunchOutcome | Exception) -> None:
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    broker.enqueue(punch, reply)
+    return await asyncio.wait_for(future, 30)
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({"ATTENDANCE_BATCH_WAIT_MS": "0", **env})
+
+
+@pytest.fixture(params=["local", "redis"])
+async def rig(
+    request: pytest.FixtureRequest, pool: asyncpg.Pool, redis_server: str, redis_prefix: str
+) -> AsyncIterator[Rig]:
+    found: list[tuple[PunchRequest, PunchOutcome]] = []
+    if request.param == "local":
+        made = Rig(LocalBroker(pool, settings(), found.extend), found)
+        await made.broker.start()
+        yield made
+        await made.broker.stop()
+        return
+    keys = RedisKeys(redis_prefix)
+    broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.extend, ack_timeout_s=5)
+    client = aioredis.Redis.from_url(redis_server)
+    made = Rig(broker, found, client, keys, pool)
+    await broker.start()
+    made.run_worker("w1")
+    yield made
+    await made.stop_workers()
+    await broker.stop()
+    await client.aclose()
+
+
+async def stored_count(owner: asyncpg.Connection, tenant: str) -> int:
+    count: int = await owner.fetchval("SELECT count(*) FROM punches WHERE tenant = $1", tenant)
+    return count
+
+
+# -- the contract, on both --------------------------------------------------------------------
+
+
+async def test_a_punch_is_stored_once_and_a_resend_is_a_duplicate(
+    rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    punch = request(tenant)
+    first = await submit(rig.broker, punch)
+    assert (first.status, first.employee, first.site, first.name) == ("accepted", "e1", "hq", "One")
+    again = await submit(rig.broker, punch._replace(received_at=datetime.now(UTC)))
+    assert (again.status, again.received_at) == ("duplicate", first.received_at)
+    assert await stored_count(owner, tenant) == 1
+    # Presence heard of the stored punch once, and of nothing else.
+    for _ in range(100):
+        if rig.committed:
+            break
+        await asyncio.sleep(0.01)
+    assert [(r.id, o.status) for r, o in rig.committed] == [(punch.id, "accepted")]
+
+
+async def test_rejections_are_answered_and_store_nothing(
+    rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    stored = request(tenant)
+    assert (await submit(rig.broker, stored)).status == "accepted"
+    outcomes = await asyncio.gather(
+        submit(rig.broker, request(tenant, employee="nobody")),
+        submit(rig.broker, request(tenant, employee=None, badge="b404")),
+        submit(rig.broker, stored._replace(kind="out")),
+        submit(rig.broker, request(tenant, only_employee="e2")),
+    )
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("rejected", "unknown_employee"),
+        ("rejected", "unknown_employee"),
+        ("rejected", "id_conflict"),
+        ("rejected", "forbidden"),
+    ]
+    assert await stored_count(owner, tenant) == 1
+
+
+async def test_many_punches_at_once_each_get_their_own_answer(
+    rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    punches = [request(tenant, kind=("in", "out")[n % 2]) for n in range(300)]
+    outcomes = await asyncio.gather(*(submit(rig.broker, p) for p in punches))
+    assert {o.status for o in outcomes} == {"accepted"}
+    assert await stored_count(owner, tenant) == 300
+    await rig.broker.flush()
+
+
+async def test_announced_punches_reach_presence(rig: Rig, tenant: str) -> None:
+    punch = request(tenant, source="manual", reason="forgot")
+    outcome = PunchOutcome("accepted", punch.received_at, None, "e1", "hq", "One")
+    await rig.broker.announce([(punch, outcome)])
+    for _ in range(200):
+        if rig.committed:
+            break
+        await asyncio.sleep(0.01)
+    assert rig.committed == [(punch, outcome)]
+
+
+async def test_stopping_answers_what_waits(rig: Rig, tenant: str) -> None:
+    await rig.stop_workers()
+    waiting = asyncio.ensure_future(submit(rig.broker, request(tenant)))
+    await asyncio.sleep(0.05)
+    await rig.broker.stop()
+    try:
+        outcome = await waiting
+    except StoreUnavailable:
+        return
+    # The in-process broker commits what is queued before it stops.
+    assert outcome.status == "accepted"
+    assert isinstance(rig.broker, LocalBroker)
+
+
+# -- Redis only -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_rig(pool: asyncpg.Pool, redis_server: str, redis_prefix: str) -> AsyncIterator[Rig]:
+    found: list[tuple[PunchRequest, PunchOutcome]] = []
+    keys = RedisKeys(redis_prefix)
+    broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.extend, ack_timeout_s=1)
+    client = aioredis.Redis.from_url(redis_server)
+    made = Rig(broker, found, client, keys, pool)
+    await broker.start()
+    yield made
+    await made.stop_workers()
+    await broker.stop()
+    await client.aclose()
+
+
+async def test_without_a_worker_a_punch_times_out_unanswered_and_is_stored_later(
+    redis_rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    punch = request(tenant)
+    with pytest.raises(StoreUnavailable, match="no worker answered"):
+        await submit(redis_rig.broker, punch)
+    assert await stored_count(owner, tenant) == 0
+    # The entry waits in the stream: the first worker to come commits it.
+    redis_rig.run_worker("late")
+    for _ in range(300):
+        if await stored_count(owner, tenant):
+            break
+        await asyncio.sleep(0.02)
+    assert await stored_count(owner, tenant) == 1
+    # The client resends (the hub stamps each copy's receipt): the punch is already there.
+    resent = punch._replace(received_at=datetime.now(UTC))
+    assert (await submit(redis_rig.broker, resent)).status == "duplicate"
+
+
+async def test_a_worker_started_again_reads_its_own_unanswered_punches_first(
+    redis_rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    assert redis_rig.redis is not None and redis_rig.keys is not None
+    crashed = redis_rig.worker("steady-name")
+    await crashed.ensure_group()
+    punch = request(tenant)
+    await redis_rig.redis.xadd(
+        redis_rig.keys.punches, {b"hub": b"gone", b"token": 1, b"punch": ENCODER.encode(punch)}
+    )
+    # Read, and then the worker "dies" before committing.
+    taken = await redis_rig.redis.xreadgroup(
+        WORKER_GROUP, "steady-name", {redis_rig.keys.punches: ">"}, count=10
+    )
+    assert len(taken[0][1]) == 1
+    # Another consumer reading new entries does not see it.
+    other = await redis_rig.redis.xreadgroup(
+        WORKER_GROUP, "other", {redis_rig.keys.punches: ">"}, count=10
+    )
+    assert other == [] or other[0][1] == []
+    redis_rig.run_worker("steady-name")
+    for _ in range(300):
+        if await stored_count(owner, tenant):
+            break
+        await asyncio.sleep(0.02)
+    assert await stored_count(owner, tenant) == 1
+    pending = await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_the_janitor_takes_over_a_dead_workers_punches(
+    redis_rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    assert redis_rig.redis is not None and redis_rig.keys is not None
+    janitor = redis_rig.worker("janitor", claim_idle_ms=200)
+    await janitor.ensure_group()
+    punches = [request(tenant) for _ in range(5)]
+    for n, punch in enumerate(punches):
+        await redis_rig.redis.xadd(
+            redis_rig.keys.punches,
+            {b"hub": b"gone", b"token": n, b"punch": ENCODER.encode(punch)},
+        )
+    await redis_rig.redis.xreadgroup(WORKER_GROUP, "dead", {redis_rig.keys.punches: ">"}, count=10)
+    # Not idle long enough yet: left alone.
+    assert await janitor.reclaim() == 0
+    await asyncio.sleep(0.3)
+    assert await janitor.reclaim() == 5
+    assert await stored_count(owner, tenant) == 5
+    pending = await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_an_entry_delivered_too_often_goes_to_the_dead_letters(
+    redis_rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    assert redis_rig.redis is not None and redis_rig.keys is not None
+    janitor = redis_rig.worker("janitor", claim_idle_ms=100, deliveries=3)
+    await janitor.ensure_group()
+    punch = request(tenant)
+    entry = await redis_rig.redis.xadd(
+        redis_rig.keys.punches, {b"hub": b"gone", b"token": 7, b"punch": ENCODER.encode(punch)}
+    )
+    # Three workers take it in turn and die without answering.
+    for name in ("a", "b", "c"):
+        if name == "a":
+            await redis_rig.redis.xreadgroup(
+                WORKER_GROUP, name, {redis_rig.keys.punches: ">"}, count=1
+            )
+        else:
+            await asyncio.sleep(0.15)
+            await redis_rig.redis.xclaim(
+                redis_rig.keys.punches, WORKER_GROUP, name, min_idle_time=100, message_ids=[entry]
+            )
+    await asyncio.sleep(0.15)
+    assert await janitor.reclaim() == 0
+    dead = await redis_rig.redis.xrange(redis_rig.keys.dead_letters)
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert (fields[b"entry"], fields[b"punch"]) == (entry, ENCODER.encode(punch))
+    assert b"delivered 3 times" in fields[b"why"]
+    assert await stored_count(owner, tenant) == 0
+    pending = await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_an_unreadable_entry_goes_to_the_dead_letters_and_the_rest_are_stored(
+    redis_rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    assert redis_rig.redis is not None and redis_rig.keys is not None
+    redis_rig.run_worker("w")
+    await redis_rig.redis.xadd(redis_rig.keys.punches, {b"hub": b"x", b"punch": b"\xc1"})
+    assert (await submit(redis_rig.broker, request(tenant))).status == "accepted"
+    dead = await redis_rig.redis.xrange(redis_rig.keys.dead_letters)
+    assert [fields[b"why"].startswith(b"unreadable entry") for _, fields in dead] == [True]
