@@ -1,0 +1,198 @@
+"""Scale-out with real processes: hubs started with `--no-workers` hand punches to
+`attendance-hub worker` processes through real Redis, and a worker killed mid-stream loses
+nothing: what it had taken and not answered is taken over and answered by another."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from hub.redis_keys import WORKER_GROUP, RedisKeys
+from tests.conftest import TEST_SECRET
+from tests.support import HubProcess, TenantKit, free_port, punch_frame
+from tests.test_faults import Tally, _account, _start, _terminals, _until
+from tests.test_presence_live import subscribe, watcher
+
+pytestmark = pytest.mark.postgres
+
+
+@dataclass
+class WorkerProcess:
+    """`attendance-hub worker` in a subprocess."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "hub.cli", "worker", "--name", self.name],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while "committing punches" not in self.log():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        assert self.popen is not None
+        self.popen.kill()
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    tmp: Path
+    hubs: list[HubProcess]
+    workers: list[WorkerProcess]
+
+    def hub(self) -> HubProcess:
+        hub = HubProcess(
+            port=free_port(),
+            env=self.env,
+            log_path=self.tmp / f"hub{len(self.hubs)}.log",
+            args=["serve", "--no-workers"],
+        )
+        hub.start()
+        self.hubs.append(hub)
+        return hub
+
+    def worker(self, name: str) -> WorkerProcess:
+        worker = WorkerProcess(name, self.env, self.tmp / f"worker-{name}.log")
+        worker.start()
+        self.workers.append(worker)
+        return worker
+
+
+@pytest.fixture
+def cluster(
+    database: str, redis_server: str, redis_prefix: str, tmp_path: Path
+) -> Iterator[Cluster]:
+    env = {
+        "ATTENDANCE_DATABASE_URL": database,
+        "ATTENDANCE_SECRET": TEST_SECRET,
+        "ATTENDANCE_REDIS_URL": redis_server,
+        "ATTENDANCE_REDIS_PREFIX": redis_prefix,
+        # A dead worker's punches are taken over after a second, well inside the hub's wait.
+        "ATTENDANCE_CLAIM_IDLE_MS": "1000",
+        "ATTENDANCE_ACK_TIMEOUT_S": "20",
+    }
+    made = Cluster(env, tmp_path, [], [])
+    try:
+        yield made
+    finally:
+        for process in [*made.hubs, *made.workers]:
+            process.stop()
+
+
+@pytest.fixture
+async def kit(cluster: Cluster, database: str) -> AsyncIterator[TenantKit]:
+    hub = cluster.hub()
+    tenant = TenantKit(hub.base_url, database, TEST_SECRET, f"s-{uuid.uuid4().hex[:10]}")
+    await tenant.create()
+    await tenant.provision()
+    try:
+        yield tenant
+    finally:
+        await tenant.close()
+
+
+async def test_a_hub_without_workers_hands_punches_to_a_worker_process(
+    cluster: Cluster, kit: TenantKit
+) -> None:
+    worker = cluster.worker("w1")
+    watching = await watcher(kit)
+    await subscribe(watching, "presence:hq")
+    await watching.recv()
+    door = await kit.connect()
+    frame = punch_frame("e1")
+    ack = await door.punch(frame)
+    assert ack["status"] == "accepted"
+    assert set(await kit.stored(frame["id"])) == {frame["id"]}
+    # Presence moved on the hub from what the worker published.
+    [change] = (await watching.recv())["changes"]
+    assert (change["employee"], change["state"]) == ("e1", "in")
+    assert (await door.punch(frame))["status"] == "duplicate"
+    # The hub committed nothing itself: its log names no worker of its own.
+    assert "committing punches" not in cluster.hubs[0].log()
+    assert "w1" in worker.log()
+    await door.close()
+    await watching.close()
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_a_worker_mid_stream_loses_and_doubles_nothing(
+    cluster: Cluster, kit: TenantKit, redis_server: str, redis_prefix: str
+) -> None:
+    victim = cluster.worker("victim")
+    cluster.worker("survivor")
+    killed = asyncio.Event()
+    total = 20 * 100
+    at_kill: list[int] = []
+
+    keys = RedisKeys(redis_prefix)
+    client = redis.Redis.from_url(redis_server)
+    held: list[int] = []
+
+    def kill_mid_stream(acked: int) -> None:
+        if at_kill or acked < total // 3:
+            return
+        # Struck while the victim holds punches it has taken and not answered (or, if it
+        # never seems to, two thirds in).
+        taken = client.xpending_range(
+            keys.punches, WORKER_GROUP, "-", "+", 10_000, consumername="victim"
+        )
+        if taken or acked >= 2 * total // 3:
+            victim.kill()
+            at_kill.append(acked)
+            held.extend(p["times_delivered"] for p in taken)
+            killed.set()
+
+    tally = Tally(on_ack=kill_mid_stream)
+    terminals = _terminals(kit, count=20, per_terminal=100, window=16, tally=tally)
+    stream = _start(terminals)
+    await _until(stream, killed)
+    await stream
+    numbers = await _account(kit, terminals, tally)
+    assert at_kill and at_kill[0] < total, numbers
+    # Nothing is left pending in the group: the survivor took over what the victim held.
+    try:
+        pending = client.xpending(keys.punches, WORKER_GROUP)
+    finally:
+        client.close()
+    assert pending["pending"] == 0, (numbers, pending)
+    survivor = cluster.workers[1].log()
+    if held:
+        assert "took over" in survivor, survivor
+    print(f"\nworker SIGKILLed after {at_kill[0]} acks holding {len(held)} punches: {numbers}")
