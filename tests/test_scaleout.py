@@ -249,3 +249,53 @@ async def test_redis_restarting_mid_stream_loses_and_doubles_nothing(
         await kit.close()
         hub.stop()
         server.stop()
+
+
+@pytest.mark.timeout(180)
+async def test_postgres_restarting_mid_stream_loses_and_doubles_nothing(
+    redis_server: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    from hub.embedded_pg import EmbeddedPostgres
+
+    # A PostgreSQL of this test's own, to stop and start under a hub on Redis.
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    dsn = await asyncio.to_thread(pg.start)
+    env = {
+        "ATTENDANCE_DATABASE_URL": dsn,
+        "ATTENDANCE_SECRET": TEST_SECRET,
+        "ATTENDANCE_REDIS_URL": redis_server,
+        "ATTENDANCE_REDIS_PREFIX": redis_prefix,
+    }
+    hub = HubProcess(port=free_port(), env=env, log_path=tmp_path / "hub.log")
+    kit = TenantKit(hub.base_url, dsn, TEST_SECRET, f"q-{uuid.uuid4().hex[:10]}")
+    try:
+        await asyncio.to_thread(hub.start)
+        await kit.create()
+        await kit.provision()
+        total = 10 * 100
+        strike = asyncio.Event()
+
+        def mid_stream(acked: int) -> None:
+            if acked >= total // 3:
+                strike.set()
+
+        tally = Tally(on_ack=mid_stream)
+        terminals = _terminals(kit, count=10, per_terminal=100, window=8, tally=tally)
+        stream = _start(terminals)
+        await _until(stream, strike)
+        await asyncio.to_thread(pg.stop)
+        ready = await kit.http.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        acked_while_down = tally.acked
+        await asyncio.sleep(1.5)
+        assert tally.acked - acked_while_down < 8 * 10
+        await asyncio.to_thread(pg.start)
+        await stream
+        numbers = await _account(kit, terminals, tally)
+        assert tally.resent > 0, numbers
+        print(f"\nPostgreSQL restarted after {acked_while_down} acks: {numbers}")
+    finally:
+        await kit.close()
+        await asyncio.to_thread(hub.stop)
+        await asyncio.to_thread(pg.stop)
+        pg.remove_socket_dir()
