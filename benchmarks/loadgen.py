@@ -82,7 +82,8 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
 
 @dataclass(slots=True)
 class Config:
-    url: str
+    # Terminal n connects to urls[n % len(urls)]: several hubs share the terminals.
+    urls: list[str]
     terminals: int
     in_flight: int
     rate: float | None
@@ -412,7 +413,8 @@ def cpu_between(start: CpuSample, end: CpuSample) -> dict[str, float]:
 
 
 async def _connect(run: Run, index: int, tokens: Sequence[str]) -> Terminal:
-    parts = urlsplit(run.config.url)
+    urls = run.config.urls
+    parts = urlsplit(urls[index % len(urls)])
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     loop = asyncio.get_running_loop()
     token = tokens[index % len(tokens)]
@@ -614,7 +616,12 @@ def _watch(values: list[str]) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     """The run's configuration, and whether to print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="ws://127.0.0.1:8080/v1/ws")
+    parser.add_argument(
+        "--url",
+        action="append",
+        help="a hub's WebSocket URL (default ws://127.0.0.1:8080/v1/ws); give several to "
+        "spread the terminals over several hubs",
+    )
     parser.add_argument("--terminals", type=int, default=200)
     parser.add_argument("--in-flight", type=int, default=8, help="closed loop: punches in flight")
     parser.add_argument("--rate", type=float, help="open loop: punches/s offered in total")
@@ -637,7 +644,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     args = parser.parse_args(argv)
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be above 0 (leave it out for the closed loop)")
-    if urlsplit(args.url).hostname not in LOCAL_HOSTS:
+    urls = args.url or ["ws://127.0.0.1:8080/v1/ws"]
+    if any(urlsplit(url).hostname not in LOCAL_HOSTS for url in urls):
         parser.error("the generator only talks to 127.0.0.1")
     if args.tokens_file:
         tokens = _read_lines(args.tokens_file)
@@ -651,7 +659,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
         employees = [f"e{n}" for n in range(args.employees)]
     watched = _watch(args.watch)
     config = Config(
-        url=args.url,
+        urls=urls,
         terminals=args.terminals,
         in_flight=args.in_flight,
         rate=args.rate,

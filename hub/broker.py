@@ -52,6 +52,9 @@ COMMITTED_DECODER: Final = msgspec.msgpack.Decoder(CommittedMessage)
 
 # Most punches one XADD pipeline carries.
 SEND_BATCH: Final = 512
+# Workers delete what they have answered; this bounds the stream if none run for long. A
+# punch trimmed before any worker read it was never acked: its client resends it.
+STREAM_MAX: Final = 1_000_000
 
 
 class Broker(Protocol):
@@ -216,8 +219,17 @@ class RedisBroker:
                 pipe = self._redis.pipeline(transaction=False)
                 hub = self.hub.encode()
                 for token, request in sending:
-                    fields = {b"hub": hub, b"token": token, b"punch": ENCODER.encode(request)}
-                    pipe.xadd(self._keys.punches, fields)  # type: ignore[arg-type]
+                    fields: dict[bytes, bytes | int] = {
+                        b"hub": hub,
+                        b"token": token,
+                        b"punch": ENCODER.encode(request),
+                    }
+                    pipe.xadd(
+                        self._keys.punches,
+                        fields,  # type: ignore[arg-type]
+                        maxlen=STREAM_MAX,
+                        approximate=True,
+                    )
                 try:
                     await pipe.execute()
                 except (RedisError, OSError) as exc:

@@ -171,7 +171,10 @@ class StreamWorker:
                 pipe.publish(self._keys.committed, ENCODER.encode(stored))
             for hub, answers in by_hub.items():
                 pipe.publish(self._keys.acks(hub), ENCODER.encode(answers))
-            pipe.xack(self._keys.punches, WORKER_GROUP, *(e.id for e in good))
+            done = [entry.id for entry in good]
+            pipe.xack(self._keys.punches, WORKER_GROUP, *done)
+            # Answered: nobody needs them any more, and the stream stays small.
+            pipe.xdel(self._keys.punches, *done)
             await pipe.execute()
         except (RedisError, OSError) as exc:
             # Not acknowledged: read again later (by this worker or the janitor), committed
@@ -233,6 +236,7 @@ class StreamWorker:
         pipe = self._redis.pipeline(transaction=True)
         pipe.xadd(self._keys.dead_letters, {**fields, b"entry": entry_id, b"why": why.encode()})
         pipe.xack(self._keys.punches, WORKER_GROUP, entry_id)
+        pipe.xdel(self._keys.punches, entry_id)
         await pipe.execute()
 
 
