@@ -349,3 +349,25 @@ async def test_an_unreadable_entry_goes_to_the_dead_letters_and_the_rest_are_sto
     assert (await submit(redis_rig.broker, request(tenant))).status == "accepted"
     dead = await redis_rig.redis.xrange(redis_rig.keys.dead_letters)
     assert [fields[b"why"].startswith(b"unreadable entry") for _, fields in dead] == [True]
+
+
+async def test_a_worker_survives_a_batch_that_fails_unexpectedly(
+    redis_rig: Rig, tenant: str, owner: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.stream
+
+    real = workers.stream.commit_punches
+    failures = [RuntimeError("a bug in the commit")]
+
+    async def fail_once(pool: asyncpg.Pool, requests: list[PunchRequest]) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(pool, requests)
+
+    monkeypatch.setattr(workers.stream, "commit_punches", fail_once)
+    redis_rig.run_worker("w")
+    with pytest.raises(StoreUnavailable, match="internal error"):
+        await submit(redis_rig.broker, request(tenant))
+    # The same worker goes on storing.
+    assert (await submit(redis_rig.broker, request(tenant))).status == "accepted"
+    assert await stored_count(owner, tenant) == 1

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -240,7 +242,7 @@ async def test_redis_restarting_mid_stream_loses_and_doubles_nothing(
         # Nothing is acked without Redis (what was already on its way may still land).
         assert tally.acked - acked_while_down < 8 * 10
         server.start()
-        await stream
+        await asyncio.wait_for(stream, 90)
         numbers = await _account(kit, terminals, tally)
         assert tally.resent > 0, numbers
         assert (await kit.http.get("/readyz")).status_code == 200
@@ -257,8 +259,11 @@ async def test_postgres_restarting_mid_stream_loses_and_doubles_nothing(
 ) -> None:
     from hub.embedded_pg import EmbeddedPostgres
 
-    # A PostgreSQL of this test's own, to stop and start under a hub on Redis.
-    pg = EmbeddedPostgres(tmp_path / "pg")
+    # A PostgreSQL of this test's own, to stop and start under a hub on Redis. Not under
+    # tmp_path: every pytest run tightens /tmp/pytest-of-<user> to 0700, which would lock the
+    # server's own system user out if another run started meanwhile.
+    data_dir = Path(tempfile.mkdtemp(prefix="attendance-test-pg-restart-"))
+    pg = EmbeddedPostgres(data_dir)
     dsn = await asyncio.to_thread(pg.start)
     env = {
         "ATTENDANCE_DATABASE_URL": dsn,
@@ -290,7 +295,7 @@ async def test_postgres_restarting_mid_stream_loses_and_doubles_nothing(
         await asyncio.sleep(1.5)
         assert tally.acked - acked_while_down < 8 * 10
         await asyncio.to_thread(pg.start)
-        await stream
+        await asyncio.wait_for(stream, 90)
         numbers = await _account(kit, terminals, tally)
         assert tally.resent > 0, numbers
         print(f"\nPostgreSQL restarted after {acked_while_down} acks: {numbers}")
@@ -299,3 +304,4 @@ async def test_postgres_restarting_mid_stream_loses_and_doubles_nothing(
         await asyncio.to_thread(hub.stop)
         await asyncio.to_thread(pg.stop)
         pg.remove_socket_dir()
+        shutil.rmtree(data_dir, ignore_errors=True)

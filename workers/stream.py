@@ -90,7 +90,12 @@ class StreamWorker:
             while not self._stopping.is_set() and await self._read("0"):
                 pass
             while not self._stopping.is_set():
-                await self._read(">")
+                try:
+                    await self._read(">")
+                except Exception:
+                    # Whatever it was, the worker must go on: without one, nothing is stored.
+                    log.exception("the stream worker failed on a batch; carrying on")
+                    await asyncio.sleep(0.5)
         finally:
             self._stopping.set()
             await janitor
@@ -156,7 +161,8 @@ class StreamWorker:
         outcomes: list[PunchOutcome | Exception]
         try:
             outcomes = await commit_punches(self._pool, requests)
-        except StoreUnavailable as exc:
+        except Exception as exc:
+            # Unavailable, or a bug: either way not stored, and the clients resend.
             outcomes = [exc] * len(good)
         by_hub: dict[str, AckMessage] = defaultdict(list)
         for entry, outcome in zip(good, outcomes, strict=True):
