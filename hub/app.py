@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -27,6 +28,7 @@ from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
+from hub.events import PresenceEvent, PunchesCommitted
 from hub.limits import (
     AddressLimiter,
     FloodMemory,
@@ -117,7 +119,7 @@ class Hub:
             await self.devices.refresh(conn)
             placed = await self.live.load(conn)
         log.info("presence rebuilt from PostgreSQL: %d employees placed", placed)
-        self._clock = asyncio.create_task(self.live.keep_time(), name="presence-clock")
+        self._clock = asyncio.create_task(self.live.keep_time(self.presence), name="presence-clock")
         self._following = asyncio.create_task(
             self.devices.follow(self._system_pool), name="device-revocations"
         )
@@ -172,8 +174,12 @@ class Hub:
                 await pool.close()
 
     def committed(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
-        """Punches just committed (by the batcher or a correction): move presence, keep flags."""
-        flags = self.live.committed(stored)
+        """Punches just committed (by the batcher or a worker): move presence."""
+        self.presence(PunchesCommitted(stored, datetime.now(UTC)))
+
+    def presence(self, event: PresenceEvent) -> None:
+        """Apply a presence event; keep the flags it finds on the punches."""
+        flags = self.live.apply(event)
         if flags:
             task = asyncio.create_task(self._store_flags(flags))
             self._flagging.add(task)

@@ -17,11 +17,24 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple, Protocol
 
 from hub import protocol as p
+from hub.events import (
+    ClockTicked,
+    DeviceKnown,
+    DeviceRemoved,
+    EmployeeErased,
+    EmployeeRenamed,
+    GraceSet,
+    PresenceEvent,
+    PunchesCommitted,
+    ShiftsPlanned,
+    TerminalConnected,
+    TerminalDisconnected,
+)
 from hub.presence import (
     Delta,
     Member,
@@ -127,17 +140,33 @@ class Live:
             board = self._boards[tenant] = TerminalBoard(self._base)
         return board
 
-    def device_known(self, tenant: str, device: str, site: str, name: str) -> None:
-        self._send_all(tenant, self.board(tenant).known(device, site, name, _now()))
-
-    def device_removed(self, tenant: str, device: str) -> None:
-        self._send_all(tenant, self.board(tenant).removed(device, _now()))
-
-    def terminal_connected(self, tenant: str, device: str, site: str) -> None:
-        self._send_all(tenant, self.board(tenant).connected(device, site, _now()))
-
-    def terminal_disconnected(self, tenant: str, device: str) -> None:
-        self._send_all(tenant, self.board(tenant).disconnected(device, _now()))
+    def apply(self, event: PresenceEvent) -> list[Flag]:
+        """Move the channels as the event says and send the deltas; flags of committed punches."""
+        match event:
+            case PunchesCommitted(stored=stored, now=now):
+                return self._committed(stored, now)
+            case EmployeeRenamed(tenant=tenant, employee=employee, name=name):
+                self._send_all(tenant, self.floor(tenant).rename(employee, name))
+            case EmployeeErased(tenant=tenant, employee=employee, name=name, now=now):
+                self._send_all(tenant, self.floor(tenant).forget(employee, name, now))
+            case ShiftsPlanned(tenant=tenant, employee=employee, name=name, shifts=shifts):
+                self._plan(tenant, employee, name, shifts, event.now)
+            case GraceSet(tenant=tenant, site=site, grace_s=grace_s, now=now):
+                grace = timedelta(seconds=grace_s)
+                self._moved(tenant, self.floor(tenant).set_grace(site, grace, now), now)
+                self._replanned.set()
+            case ClockTicked(now=now):
+                for tenant, floor in list(self._floors.items()):
+                    self._moved(tenant, floor.tick(now), now)
+            case DeviceKnown(tenant=tenant, device=device, site=site, name=name, now=now):
+                self._send_all(tenant, self.board(tenant).known(device, site, name, now))
+            case DeviceRemoved(tenant=tenant, device=device, now=now):
+                self._send_all(tenant, self.board(tenant).removed(device, now))
+            case TerminalConnected(tenant=tenant, device=device, site=site, now=now):
+                self._send_all(tenant, self.board(tenant).connected(device, site, now))
+            case TerminalDisconnected(tenant=tenant, device=device, now=now):
+                self._send_all(tenant, self.board(tenant).disconnected(device, now))
+        return []
 
     def _send_all(self, tenant: str, deltas: list[Delta]) -> None:
         for delta in deltas:
@@ -171,14 +200,15 @@ class Live:
             self.floor(tenant).plan(employee, name, shifts, now)
         return len(rows)
 
-    def committed(self, stored: Iterable[tuple[PunchRequest, PunchOutcome]]) -> list[Flag]:
+    def _committed(
+        self, stored: Iterable[tuple[PunchRequest, PunchOutcome]], now: datetime
+    ) -> list[Flag]:
         """Punches just committed: move the floors, send the deltas, return the flags found.
 
         An employee's ``me`` hears of each punch stored for them, except on the
         socket that sent it (that one gets its own ack).
         """
         flags = []
-        now = _now()
         # A commit's deltas go out per channel in one piece, in the order they happened.
         deltas: dict[tuple[str, str], list[Delta]] = {}
         for request, outcome in stored:
@@ -199,7 +229,7 @@ class Live:
             late = floor.late_for(employee)
             if late is not None and late != was_late and me in self._listeners:
                 # Late through a punch: an `out` from before the shift, from an offline queue.
-                self._deliver(me, [_late_notice(late)], "notice")
+                self._deliver(me, [_late_notice(late, now)], "notice")
             if me in self._listeners:
                 made = p.Ack(
                     id=request.id,
@@ -223,58 +253,48 @@ class Live:
             self._publish(tenant, channel, in_order)
         return flags
 
-    def rename(self, tenant: str, employee: str, name: str) -> None:
-        self._send_all(tenant, self.floor(tenant).rename(employee, name))
-
-    def forget(self, tenant: str, employee: str, name: str) -> None:
-        self._send_all(tenant, self.floor(tenant).forget(employee, name, _now()))
-
-    def plan(self, tenant: str, employee: str, name: str, shifts: Iterable[Shift]) -> None:
-        """The employee's planned shifts were replaced: they may be late, or no longer."""
+    def _plan(
+        self, tenant: str, employee: str, name: str, shifts: Iterable[Shift], now: datetime
+    ) -> None:
         planned = tuple(shifts)
-        now = _now()
-        self._moved(tenant, self.floor(tenant).plan(employee, name, planned, now))
+        self._moved(tenant, self.floor(tenant).plan(employee, name, planned, now), now)
         self._replanned.set()
         me = (tenant, me_channel_name(employee))
         if me in self._listeners:
             self._deliver(me, [_schedule_notice(planned, now)], "notice")
 
-    def set_grace(self, tenant: str, site: str, grace: timedelta) -> None:
-        """A site's grace period changed (its policy was written)."""
-        self._moved(tenant, self.floor(tenant).set_grace(site, grace, _now()))
-        self._replanned.set()
-
-    def tick(self, now: datetime) -> None:
-        """Move every floor to ``now``: shifts whose grace period or whose end has come."""
-        for tenant, floor in list(self._floors.items()):
-            self._moved(tenant, floor.tick(now))
-
     def next_due(self) -> datetime | None:
         dues = [due for floor in self._floors.values() if (due := floor.next_due()) is not None]
         return min(dues, default=None)
 
-    async def keep_time(self) -> None:
-        """Run for the life of the process: tick whenever a shift makes someone late or not."""
+    async def keep_time(self, emit: Callable[[PresenceEvent], None]) -> None:
+        """Run for the life of the process: ``emit`` a tick whenever a shift may make someone
+        late or no longer late (the tick moves the floors once applied)."""
         while True:
             try:
                 self._replanned.clear()
                 due = self.next_due()
                 sleep = CLOCK_MAX_SLEEP_S
                 if due is not None:
-                    sleep = min(sleep, max(0.0, (due - _now()).total_seconds()))
+                    # At least 10 ms: a tick that has not been applied yet (it may travel
+                    # first) leaves the same due time, which must not spin the loop.
+                    sleep = min(sleep, max(0.01, (due - _now()).total_seconds()))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._replanned.wait(), sleep)
-                self.tick(_now())
+                due = self.next_due()
+                now = _now()
+                if due is not None and due <= now:
+                    emit(ClockTicked(now))
             except Exception:
                 log.exception("the presence clock failed; it carries on within a minute")
                 await asyncio.sleep(1)
 
-    def _moved(self, tenant: str, ticked: Ticked) -> None:
+    def _moved(self, tenant: str, ticked: Ticked, now: datetime) -> None:
         self._send_all(tenant, ticked.deltas)
         for employee, shift in ticked.late:
             me = (tenant, me_channel_name(employee))
             if me in self._listeners:
-                self._deliver(me, [_late_notice(shift)], "notice")
+                self._deliver(me, [_late_notice(shift, now)], "notice")
 
     def join(
         self, listener: Listener, tenant: str, channel: str, since: int | None, ref: str | None
@@ -391,12 +411,12 @@ def _flag_notice(punch: PresencePunch, flag: str, now: datetime) -> p.Notice:
     )
 
 
-def _late_notice(shift: Shift) -> p.Notice:
+def _late_notice(shift: Shift, now: datetime) -> p.Notice:
     start = p.format_time(shift.start)
     return p.Notice(
         channel="me",
         kind="late",
-        at=p.format_time(_now()),
+        at=p.format_time(now),
         message=f"your shift at {shift.site} started at {start} and you have not clocked in",
         detail=_shift_detail(shift),
     )

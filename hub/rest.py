@@ -18,6 +18,14 @@ from starlette.responses import Response
 
 from hub import store
 from hub.auth import DeviceState
+from hub.events import (
+    DeviceKnown,
+    DeviceRemoved,
+    EmployeeErased,
+    EmployeeRenamed,
+    GraceSet,
+    ShiftsPlanned,
+)
 from hub.live import snapshot_frame
 from hub.presence import DEFAULT_GRACE, Shift
 from hub.protocol import (
@@ -255,10 +263,9 @@ class Api:
             await store.upsert_site(conn, claims.tenant, site, values)
             after = await store.get_row(conn, "sites", store.SITE_COLUMNS, claims.tenant, site)
             await self.audit(conn, request, claims, "site.put", f"site:{site}", before, after)
-        grace = body.policy.grace_minutes
-        self.hub.live.set_grace(
-            claims.tenant, site, DEFAULT_GRACE if grace is None else timedelta(minutes=grace)
-        )
+        minutes = body.policy.grace_minutes
+        grace = DEFAULT_GRACE if minutes is None else timedelta(minutes=minutes)
+        self.hub.presence(GraceSet(claims.tenant, site, grace.total_seconds(), _now()))
         return json_response(after, 201 if before is None else 200)
 
     async def get_site(self, request: Request) -> Response:
@@ -301,7 +308,7 @@ class Api:
             f"badge {body.badge!r} belongs to another employee",
         )
         # Committed: a floor showing the employee shows the new name.
-        self.hub.live.rename(claims.tenant, employee, body.name)
+        self.hub.presence(EmployeeRenamed(claims.tenant, employee, body.name))
         return json_response(after, 201 if created else 200)
 
     async def _put_audited(
@@ -381,7 +388,7 @@ class Api:
                 )
             punches = await store.count_punches(conn, claims.tenant, employee)
         # Committed: off every floor, and the hub's memory of the name goes too.
-        self.hub.live.forget(claims.tenant, employee, store.ERASED_NAME)
+        self.hub.presence(EmployeeErased(claims.tenant, employee, store.ERASED_NAME, _now()))
         return json_response({"employee": employee, "erased": True, "punches_kept": punches})
 
     async def list_employees(self, request: Request) -> Response:
@@ -413,7 +420,9 @@ class Api:
         assert version is not None
         # Registering a revoked device again re-activates it with its new token version.
         self.hub.devices.apply(claims.tenant, device, DeviceState(version, revoked=False))
-        self.hub.live.device_known(claims.tenant, device, body.site, body.name or device)
+        self.hub.presence(
+            DeviceKnown(claims.tenant, device, body.site, body.name or device, _now())
+        )
         token, _ = self.hub.tokens.issue(
             tenant=claims.tenant,
             role="terminal",
@@ -440,7 +449,7 @@ class Api:
                 conn, request, claims, "device.revoke", f"device:{device}", before, None
             )
         self.hub.devices.apply(claims.tenant, device, DeviceState(version, revoked=True))
-        self.hub.live.device_removed(claims.tenant, device)
+        self.hub.presence(DeviceRemoved(claims.tenant, device, _now()))
         return json_response({"device": device, "revoked": True})
 
     async def list_devices(self, request: Request) -> Response:
@@ -635,11 +644,9 @@ class Api:
                 {"shifts": after},
             )
         # Committed: from now on these shifts decide whether the employee is late.
-        self.hub.live.plan(
-            claims.tenant,
-            employee,
-            row["name"],
-            (Shift(site, start, end) for site, start, end in planned),
+        planned_shifts = [Shift(site, start, end) for site, start, end in planned]
+        self.hub.presence(
+            ShiftsPlanned(claims.tenant, employee, row["name"], planned_shifts, _now())
         )
         return json_response({"employee": employee, "shifts": after})
 
@@ -841,3 +848,7 @@ def _has_nul(value: Any) -> bool:
     if isinstance(value, list):
         return any(_has_nul(item) for item in value)
     return False
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

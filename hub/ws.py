@@ -28,6 +28,7 @@ from starlette.types import Send as AsgiSend
 
 from hub import metrics
 from hub import protocol as p
+from hub.events import TerminalConnected, TerminalDisconnected
 from hub.limits import FrameLimiter, client_address
 from hub.presence import me_channel_name
 from hub.session import (
@@ -122,7 +123,9 @@ class Connection:
             self.hub.live.drop(self)
             claims = self.session.claims
             if self._role == "terminal" and claims is not None:
-                self.hub.live.terminal_disconnected(claims.tenant, claims.sub)
+                self.hub.presence(
+                    TerminalDisconnected(claims.tenant, claims.sub, datetime.now(UTC))
+                )
             metrics.CONNECTIONS.labels(self._role).dec()
             self.session.closed()
             self._closing = True
@@ -287,7 +290,9 @@ class Connection:
                 if self._role == "terminal":
                     claims = self.session.claims
                     assert claims.site is not None
-                    self.hub.live.terminal_connected(claims.tenant, claims.sub, claims.site)
+                    self.hub.presence(
+                        TerminalConnected(claims.tenant, claims.sub, claims.site, datetime.now(UTC))
+                    )
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()
                 self._watch_expiry()

@@ -1,0 +1,113 @@
+"""Everything that moves live channels, as events: the only way into ``Live``.
+
+Each event carries whatever it depends on, the time included (``now``): ``Live``
+reads no clock of its own. The same events in the same order therefore give the
+same deltas with the same versions, wherever they are applied. Events are msgspec
+Structs, so they travel as msgpack as they are.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+from hub.presence import Shift
+from workers.persist import PunchOutcome, PunchRequest
+
+
+class _Event(msgspec.Struct, tag_field="event"):
+    pass
+
+
+class PunchesCommitted(_Event, tag="committed"):
+    """Punches PostgreSQL has just committed (a batch, or a correction)."""
+
+    stored: list[tuple[PunchRequest, PunchOutcome]]
+    now: datetime
+
+
+class EmployeeRenamed(_Event, tag="renamed"):
+    tenant: str
+    employee: str
+    name: str
+
+
+class EmployeeErased(_Event, tag="erased"):
+    tenant: str
+    employee: str
+    # What the last deltas show instead of the name.
+    name: str
+    now: datetime
+
+
+class ShiftsPlanned(_Event, tag="planned"):
+    """The employee's planned shifts were replaced."""
+
+    tenant: str
+    employee: str
+    name: str
+    shifts: list[Shift]
+    now: datetime
+
+
+class GraceSet(_Event, tag="grace"):
+    """A site's grace period (its policy was written)."""
+
+    tenant: str
+    site: str
+    grace_s: float
+    now: datetime
+
+
+class ClockTicked(_Event, tag="tick"):
+    """Time has reached ``now``: shifts whose grace period or end has come move the floors."""
+
+    now: datetime
+
+
+class DeviceKnown(_Event, tag="device"):
+    """A device was created or changed."""
+
+    tenant: str
+    device: str
+    site: str
+    name: str
+    now: datetime
+
+
+class DeviceRemoved(_Event, tag="device_removed"):
+    tenant: str
+    device: str
+    now: datetime
+
+
+class TerminalConnected(_Event, tag="connected"):
+    """A terminal's socket opened."""
+
+    tenant: str
+    device: str
+    site: str
+    now: datetime
+
+
+class TerminalDisconnected(_Event, tag="disconnected"):
+    """A terminal's socket closed (or stopped answering heartbeats)."""
+
+    tenant: str
+    device: str
+    now: datetime
+
+
+PresenceEvent = (
+    PunchesCommitted
+    | EmployeeRenamed
+    | EmployeeErased
+    | ShiftsPlanned
+    | GraceSet
+    | ClockTicked
+    | DeviceKnown
+    | DeviceRemoved
+    | TerminalConnected
+    | TerminalDisconnected
+)
