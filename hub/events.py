@@ -83,19 +83,21 @@ class DeviceRemoved(_Event, tag="device_removed"):
 
 
 class TerminalConnected(_Event, tag="connected"):
-    """A terminal's socket opened."""
+    """A terminal's socket opened on hub process ``hub`` (its run id)."""
 
     tenant: str
     device: str
     site: str
+    hub: str
     now: datetime
 
 
 class TerminalDisconnected(_Event, tag="disconnected"):
-    """A terminal's socket closed (or stopped answering heartbeats)."""
+    """A terminal's socket on hub process ``hub`` closed (or stopped answering heartbeats)."""
 
     tenant: str
     device: str
+    hub: str
     now: datetime
 
 

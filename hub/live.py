@@ -162,10 +162,10 @@ class Live:
                 self._send_all(tenant, self.board(tenant).known(device, site, name, now))
             case DeviceRemoved(tenant=tenant, device=device, now=now):
                 self._send_all(tenant, self.board(tenant).removed(device, now))
-            case TerminalConnected(tenant=tenant, device=device, site=site, now=now):
-                self._send_all(tenant, self.board(tenant).connected(device, site, now))
-            case TerminalDisconnected(tenant=tenant, device=device, now=now):
-                self._send_all(tenant, self.board(tenant).disconnected(device, now))
+            case TerminalConnected(tenant=tenant, device=device, site=site, hub=hub, now=now):
+                self._send_all(tenant, self.board(tenant).connected(device, site, hub, now))
+            case TerminalDisconnected(tenant=tenant, device=device, hub=hub, now=now):
+                self._send_all(tenant, self.board(tenant).disconnected(device, hub, now))
         return []
 
     def _send_all(self, tenant: str, deltas: list[Delta]) -> None:

@@ -461,16 +461,18 @@ class _Device(msgspec.Struct):
     site: str
     name: str
     since: datetime
-    # Sockets of this device open on this hub; online while there is one.
-    sockets: int = 0
+    # Open sockets of this device, by the hub process holding them; online while any is.
+    sockets: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class TerminalBoard:
     """Every device of one tenant, online or not, and a ``terminals:<site>`` channel per site.
 
-    A device is online while it has an open socket; it goes offline when its last
-    one closes, however that happens (the client closed it, or it stopped answering
-    heartbeats and the hub dropped it). ``since`` is when that last changed.
+    A device is online while it has an open socket on any hub; it goes offline when
+    its last one closes, however that happens (the client closed it, or it stopped
+    answering heartbeats and the hub dropped it). ``since`` is when that last changed.
+    Sockets are counted per hub process (``hub``), so that the sockets of a hub that
+    died can be told apart from the others'.
     """
 
     def __init__(self, base_version: int) -> None:
@@ -502,21 +504,24 @@ class TerminalBoard:
         deltas.append(self._record(device, held))
         return deltas
 
-    def connected(self, device: str, site: str, now: datetime) -> list[Delta]:
+    def connected(self, device: str, site: str, hub: str, now: datetime) -> list[Delta]:
         held = self._devices.get(device)
         if held is None:
             held = self._devices[device] = _Device(site, device, now)
-        held.sockets += 1
-        if held.sockets > 1:
+        was_online = bool(held.sockets)
+        held.sockets[hub] = held.sockets.get(hub, 0) + 1
+        if was_online:
             return []
         held.since = now
         return [self._record(device, held)]
 
-    def disconnected(self, device: str, now: datetime) -> list[Delta]:
+    def disconnected(self, device: str, hub: str, now: datetime) -> list[Delta]:
         held = self._devices.get(device)
-        if held is None or held.sockets == 0:
+        if held is None or hub not in held.sockets:
             return []
-        held.sockets -= 1
+        held.sockets[hub] -= 1
+        if not held.sockets[hub]:
+            del held.sockets[hub]
         if held.sockets:
             return []
         held.since = now
@@ -544,7 +549,7 @@ class TerminalBoard:
 
 
 def _terminal(device: str, held: _Device) -> TerminalMember:
-    return TerminalMember(device, held.name, held.sockets > 0, held.since)
+    return TerminalMember(device, held.name, bool(held.sockets), held.since)
 
 
 def _member(employee: str, latest: _Latest) -> Member:

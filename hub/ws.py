@@ -124,7 +124,9 @@ class Connection:
             claims = self.session.claims
             if self._role == "terminal" and claims is not None:
                 self.hub.presence(
-                    TerminalDisconnected(claims.tenant, claims.sub, datetime.now(UTC))
+                    TerminalDisconnected(
+                        claims.tenant, claims.sub, self.hub.run_id, datetime.now(UTC)
+                    )
                 )
             metrics.CONNECTIONS.labels(self._role).dec()
             self.session.closed()
@@ -291,7 +293,13 @@ class Connection:
                     claims = self.session.claims
                     assert claims.site is not None
                     self.hub.presence(
-                        TerminalConnected(claims.tenant, claims.sub, claims.site, datetime.now(UTC))
+                        TerminalConnected(
+                            claims.tenant,
+                            claims.sub,
+                            claims.site,
+                            self.hub.run_id,
+                            datetime.now(UTC),
+                        )
                     )
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()

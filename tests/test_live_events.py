@@ -66,7 +66,7 @@ def committed(employee: str, kind: str, minute: float, now: float) -> PunchesCom
 
 EVENTS: list[PresenceEvent] = [
     DeviceKnown("acme", "door", "hq", "Door", at(-60)),
-    TerminalConnected("acme", "door", "hq", at(-59)),
+    TerminalConnected("acme", "door", "hq", "hub-a", at(-59)),
     GraceSet("acme", "hq", 0.0, at(-58)),
     ShiftsPlanned("acme", "e2", "Name e2", [Shift("hq", T0, at(480))], at(-57)),
     committed("e1", "in", -10, -10),
@@ -76,7 +76,7 @@ EVENTS: list[PresenceEvent] = [
     committed("e1", "break_start", 120, 120),
     committed("e1", "in", 60, 121),
     EmployeeRenamed("acme", "e1", "Ann"),
-    TerminalDisconnected("acme", "door", at(200)),
+    TerminalDisconnected("acme", "door", "hub-a", at(200)),
     ShiftsPlanned("acme", "e3", "Name e3", [Shift("hq", at(150), at(300))], at(201)),
     ClockTicked(at(300)),
     EmployeeErased("acme", "e2", "[erased]", at(301)),

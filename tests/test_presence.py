@@ -575,13 +575,25 @@ def test_nothing_is_recorded_for_a_me_channel_nobody_asked_for() -> None:
 def test_a_device_is_online_while_it_has_a_socket() -> None:
     board = TerminalBoard(BASE)
     assert [d.changes[0].online for d in board.known("door", "hq", "Door", T0)] == [False]
-    assert [d.changes[0].online for d in board.connected("door", "hq", T0)] == [True]
-    assert board.connected("door", "hq", T0) == []
-    assert board.disconnected("door", T0) == []
-    [offline] = board.disconnected("door", T0 + timedelta(minutes=1))
+    assert [d.changes[0].online for d in board.connected("door", "hq", "hub-a", T0)] == [True]
+    assert board.connected("door", "hq", "hub-a", T0) == []
+    assert board.disconnected("door", "hub-a", T0) == []
+    [offline] = board.disconnected("door", "hub-a", T0 + timedelta(minutes=1))
     assert (offline.version, offline.changes[0].online) == (BASE + 3, False)
     assert offline.changes[0].since == T0 + timedelta(minutes=1)
-    assert board.disconnected("door", T0) == []
+    assert board.disconnected("door", "hub-a", T0) == []
+
+
+def test_sockets_are_counted_per_hub() -> None:
+    board = TerminalBoard(BASE)
+    board.connected("door", "hq", "hub-a", T0)
+    assert board.connected("door", "hq", "hub-b", T0) == []
+    # A hub that never held a socket of this device cannot close one.
+    assert board.disconnected("door", "hub-c", T0) == []
+    assert board.disconnected("door", "hub-a", T0) == []
+    assert [m.online for m in board.snapshot("hq").members] == [True]
+    [offline] = board.disconnected("door", "hub-b", T0)
+    assert offline.changes[0].online is False
 
 
 def test_a_device_that_moves_leaves_the_old_board() -> None:
@@ -599,7 +611,7 @@ def test_a_device_that_moves_leaves_the_old_board() -> None:
 
 def test_a_removed_device_leaves_the_board() -> None:
     board = TerminalBoard(BASE)
-    board.connected("door", "hq", T0)
+    board.connected("door", "hq", "hub-a", T0)
     [gone] = board.removed("door", T0)
     assert (gone.channel, gone.changes[0].online) == ("terminals:hq", False)
     assert board.snapshot("hq").members == ()
