@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -28,7 +27,7 @@ from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
-from hub.events import PresenceEvent, PunchesCommitted
+from hub.events import PresenceEvent
 from hub.limits import (
     AddressLimiter,
     FloodMemory,
@@ -44,7 +43,6 @@ from hub.rest import Api, ApiError, error_response
 from hub.session import CLOSE_BAD_TOKEN
 from hub.tokens import TokenError, TokenIssuer
 from hub.ws import Connection, websocket_endpoint
-from workers.persist import PunchOutcome, PunchRequest
 from workers.retention import RetentionJob
 from workers.stream import StreamWorker
 
@@ -115,6 +113,10 @@ class Hub:
             self.dsn, min_size=2, max_size=self.settings.db_pool_size
         )
         self._system_pool = await store.create_system_pool(self.dsn)
+        # Started first: presence events from the moment it starts are applied on top of
+        # what PostgreSQL holds (applying one twice changes nothing).
+        self._broker = open_broker(self.settings, self._pool, self.run_id, self._apply)
+        await self._broker.start()
         async with self._system_pool.acquire() as conn:
             await self.devices.refresh(conn)
             placed = await self.live.load(conn)
@@ -123,8 +125,6 @@ class Hub:
         self._following = asyncio.create_task(
             self.devices.follow(self._system_pool), name="device-revocations"
         )
-        self._broker = open_broker(self.settings, self._pool, self.run_id, self.committed)
-        await self._broker.start()
         if self.settings.redis_url is not None and self._run_worker:
             # One process does it all, on Redis: a worker of its own besides any others.
             self._redis = aioredis.Redis.from_url(self.settings.redis_url)
@@ -173,12 +173,12 @@ class Hub:
             if pool is not None:
                 await pool.close()
 
-    def committed(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
-        """Punches just committed (by the batcher or a worker): move presence."""
-        self.presence(PunchesCommitted(stored, datetime.now(UTC)))
-
     def presence(self, event: PresenceEvent) -> None:
-        """Apply a presence event; keep the flags it finds on the punches."""
+        """A presence event: every hub applies it (this one at once when it is alone)."""
+        self.broker.publish(event)
+
+    def _apply(self, event: PresenceEvent) -> None:
+        """Apply a presence event here; keep the flags it finds on the punches."""
         flags = self.live.apply(event)
         if flags:
             task = asyncio.create_task(self._store_flags(flags))

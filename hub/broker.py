@@ -1,16 +1,19 @@
-"""Where a hub's punches go to be committed, and how committed punches reach every hub.
+"""Where a hub's punches go to be committed, and how presence events reach every hub.
 
 Two brokers with one narrow interface, chosen in one place (``open_broker``):
 
 * ``LocalBroker``, without ``ATTENDANCE_REDIS_URL``: the persistence worker runs in the
-  hub's own process (``PunchBatcher``), and committed punches move this hub's presence.
+  hub's own process (``PunchBatcher``), and presence events are applied at once.
 * ``RedisBroker``, with it: the hub adds each punch to a Redis stream
-  (``self._keys.punches``); ``attendance-hub worker`` processes read it as a consumer
-  group, commit, then publish each outcome to the hub that asked (``redis_keys.acks``) and
-  the committed punches to every hub (``self._keys.committed``), and only then
-  acknowledge the stream entries. A punch whose outcome does not come back in time is
-  answered ``unavailable``: the client keeps it and resends, and a punch stored meanwhile
-  is then answered ``duplicate``. Nothing is acked before it is committed.
+  (``RedisKeys.punches``); ``attendance-hub worker`` processes read it as a consumer
+  group, commit, add the committed punches to the presence stream
+  (``RedisKeys.presence``), publish each outcome to the hub that asked
+  (``RedisKeys.acks``), and only then acknowledge the entries. A punch whose outcome
+  does not come back in time is answered ``unavailable``: the client keeps it and
+  resends, and a punch stored meanwhile is then answered ``duplicate``. Nothing is acked
+  before it is committed. Every presence event (committed punches, renames, terminals,
+  clock ticks...) goes through the presence stream, and every hub applies the events
+  in the stream's order.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import Final, Protocol
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
 
 import asyncpg
 import msgspec
@@ -28,9 +33,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from hub.config import Settings
+from hub.events import PresenceEvent, PunchesCommitted
 from hub.redis_keys import RedisKeys
 from workers.persist import (
-    Committed,
     PunchBatcher,
     PunchOutcome,
     PunchRequest,
@@ -40,25 +45,34 @@ from workers.persist import (
 
 log = logging.getLogger(__name__)
 
+# Told every presence event, in the order every hub applies them.
+OnEvent = Callable[[PresenceEvent], None]
+
 # What travels through Redis, as msgpack.
 # An outcome, or why the punch was not stored (the client resends it).
 AckMessage = list[tuple[int, PunchOutcome | str]]
-CommittedMessage = list[tuple[PunchRequest, PunchOutcome]]
 
 ENCODER: Final = msgspec.msgpack.Encoder()
 PUNCH_DECODER: Final = msgspec.msgpack.Decoder(PunchRequest)
 ACK_DECODER: Final = msgspec.msgpack.Decoder(AckMessage)
-COMMITTED_DECODER: Final = msgspec.msgpack.Decoder(CommittedMessage)
+EVENT_DECODER: Final = msgspec.msgpack.Decoder(PresenceEvent)
 
 # Most punches one XADD pipeline carries.
 SEND_BATCH: Final = 512
 # Workers delete what they have answered; this bounds the stream if none run for long. A
 # punch trimmed before any worker read it was never acked: its client resends it.
 STREAM_MAX: Final = 1_000_000
+# Presence events kept in their stream (hubs read them within moments).
+EVENTS_MAX: Final = 100_000
+
+
+def event_fields(event: PresenceEvent) -> dict[Any, Any]:
+    """A presence event as the fields of its stream entry."""
+    return {b"event": ENCODER.encode(event)}
 
 
 class Broker(Protocol):
-    """Hands punches over to be committed and answers each one once."""
+    """Hands punches over to be committed and answers each one once; spreads presence events."""
 
     async def start(self) -> None: ...
 
@@ -74,8 +88,8 @@ class Broker(Protocol):
         """Wait until every punch handed over so far has been answered."""
         ...
 
-    async def announce(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
-        """Punches this hub committed itself (a correction): tell every hub's presence."""
+    def publish(self, event: PresenceEvent) -> None:
+        """Have every hub apply the event (this one included), in one order for all."""
         ...
 
     async def check(self) -> str | None:
@@ -86,15 +100,18 @@ class Broker(Protocol):
 class LocalBroker:
     """The persistence worker in this process."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, on_committed: Committed) -> None:
-        self._on_committed = on_committed
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, on_event: OnEvent) -> None:
+        self._on_event = on_event
         self._batcher = PunchBatcher(
             pool,
             max_batch=settings.batch_max,
             wait_ms=settings.batch_wait_ms,
             concurrency=settings.batch_concurrency,
-            on_committed=on_committed,
+            on_committed=self._committed,
         )
+
+    def _committed(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
+        self._on_event(PunchesCommitted(stored, datetime.now(UTC)))
 
     async def start(self) -> None:
         self._batcher.start()
@@ -108,8 +125,8 @@ class LocalBroker:
     async def flush(self) -> None:
         await self._batcher.flush()
 
-    async def announce(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
-        self._on_committed(stored)
+    def publish(self, event: PresenceEvent) -> None:
+        self._on_event(event)
 
     async def check(self) -> str | None:
         return None
@@ -121,7 +138,8 @@ class _Waiting(msgspec.Struct):
 
 
 class RedisBroker:
-    """Punches through a Redis stream to the workers; outcomes and presence by pub/sub.
+    """Punches through a Redis stream to the workers, outcomes back by pub/sub, and presence
+    events through a second stream that every hub reads in order.
 
     ``hub`` names this process for the workers' answers: a fresh one per run, so
     that answers meant for an earlier run of the hub reach nobody.
@@ -133,14 +151,17 @@ class RedisBroker:
         url: str,
         keys: RedisKeys,
         hub: str,
-        on_committed: Committed,
+        on_event: OnEvent,
         *,
         ack_timeout_s: float,
     ) -> None:
         self.hub = hub
         self._keys = keys
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
-        self._on_committed = on_committed
+        self._on_event = on_event
+        self._events: list[PresenceEvent] = []
+        # The last presence event applied here (the stream's end when this hub started).
+        self._read_from = "$"
         self._ack_timeout_s = ack_timeout_s
         self._tokens = itertools.count(1)
         self._waiting: dict[int, _Waiting] = {}
@@ -154,10 +175,14 @@ class RedisBroker:
         self._closed = asyncio.Event()
 
     async def start(self) -> None:
+        # Events from here on are applied; what came before is in PostgreSQL.
+        last: Any = await self._redis.xrevrange(self._keys.presence, count=1)
+        self._read_from = last[0][0].decode() if last else "0-0"
         self._tasks = [
             asyncio.create_task(self._listen(), name="broker-listen"),
             asyncio.create_task(self._send(), name="broker-send"),
             asyncio.create_task(self._expire(), name="broker-expire"),
+            asyncio.create_task(self._follow(), name="broker-follow"),
         ]
         # Answers can only be heard once subscribed: wait for that before taking punches.
         await asyncio.wait_for(self._listening.wait(), 30)
@@ -187,12 +212,11 @@ class RedisBroker:
             self._answered.clear()
             await self._answered.wait()
 
-    async def announce(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
-        try:
-            await self._redis.publish(self._keys.committed, ENCODER.encode(stored))
-        except (RedisError, OSError) as exc:
-            # Committed all the same; presence catches up from PostgreSQL on the next start.
-            log.warning("could not announce %d committed punches: %s", len(stored), exc)
+    def publish(self, event: PresenceEvent) -> None:
+        if self._closing:
+            return
+        self._events.append(event)
+        self._has_mail.set()
 
     async def check(self) -> str | None:
         try:
@@ -214,6 +238,7 @@ class RedisBroker:
         while not self._closing:
             await self._has_mail.wait()
             self._has_mail.clear()
+            await self._send_events()
             while self._outbox and not self._closing:
                 sending, self._outbox = self._outbox[:SEND_BATCH], self._outbox[SEND_BATCH:]
                 pipe = self._redis.pipeline(transaction=False)
@@ -236,8 +261,39 @@ class RedisBroker:
                     log.warning("could not hand %d punches to Redis: %s", len(sending), exc)
                     self._fail([token for token, _ in sending], "Redis is unavailable")
 
+    async def _send_events(self) -> None:
+        events, self._events = self._events, []
+        if not events:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(self._keys.presence, event_fields(event), maxlen=EVENTS_MAX, approximate=True)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # The floors of every hub miss these until they start again (from PostgreSQL).
+            log.warning("could not send %d presence events to Redis: %s", len(events), exc)
+
+    async def _follow(self) -> None:
+        """Apply every presence event of the stream, in its order."""
+        while not self._closing:
+            try:
+                reply: Any = await self._redis.xread(
+                    {self._keys.presence: self._read_from}, count=512, block=200
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("cannot read presence events from Redis: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for entry_id, fields in reply[0][1] if reply else []:
+                self._read_from = entry_id.decode()
+                try:
+                    self._on_event(EVENT_DECODER.decode(fields[b"event"]))
+                except Exception:
+                    log.exception("presence event %s could not be applied", self._read_from)
+
     async def _listen(self) -> None:
-        channels = (self._keys.acks(self.hub), self._keys.committed)
+        channels = (self._keys.acks(self.hub),)
         while not self._closing:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -246,7 +302,7 @@ class RedisBroker:
                 while not self._closing:
                     message = await pubsub.get_message(timeout=0.2)
                     if message is not None:
-                        self._heard(message["channel"].decode(), message["data"])
+                        self._heard(message["data"])
             except (RedisError, OSError) as exc:
                 self._listening.clear()
                 log.warning("lost the Redis subscription (%s); subscribing again", exc)
@@ -255,13 +311,7 @@ class RedisBroker:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    def _heard(self, channel: str, data: bytes) -> None:
-        if channel == self._keys.committed:
-            try:
-                self._on_committed(COMMITTED_DECODER.decode(data))
-            except Exception:
-                log.exception("presence update from committed punches failed")
-            return
+    def _heard(self, data: bytes) -> None:
         for token, outcome in ACK_DECODER.decode(data):
             waiting = self._waiting.pop(token, None)
             if waiting is None:
@@ -285,16 +335,14 @@ class RedisBroker:
                 self._fail(late, "no worker answered in time")
 
 
-def open_broker(
-    settings: Settings, pool: asyncpg.Pool, hub: str, on_committed: Committed
-) -> Broker:
+def open_broker(settings: Settings, pool: asyncpg.Pool, hub: str, on_event: OnEvent) -> Broker:
     """The broker the settings ask for: Redis when ``ATTENDANCE_REDIS_URL`` is set."""
     if settings.redis_url is None:
-        return LocalBroker(pool, settings, on_committed)
+        return LocalBroker(pool, settings, on_event)
     return RedisBroker(
         settings.redis_url,
         RedisKeys(settings.redis_prefix),
         hub,
-        on_committed,
+        on_event,
         ack_timeout_s=settings.ack_timeout_s,
     )

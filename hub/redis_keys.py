@@ -22,8 +22,9 @@ class RedisKeys:
         self.punches = f"{prefix}:punches"
         # Punches a worker gave up on after too many deliveries, with why.
         self.dead_letters = f"{prefix}:punches:dead"
-        # Pub/sub: punches just committed, for every hub's presence.
-        self.committed = f"{prefix}:committed"
+        # Presence events (committed punches, renames, terminals, clock ticks...), applied
+        # by every hub in this stream's order.
+        self.presence = f"{prefix}:presence"
 
     def acks(self, hub: str) -> str:
         """Pub/sub: the outcomes of the punches that hub ``hub`` handed over."""

@@ -24,6 +24,7 @@ from hub.events import (
     EmployeeErased,
     EmployeeRenamed,
     GraceSet,
+    PunchesCommitted,
     ShiftsPlanned,
 )
 from hub.live import snapshot_frame
@@ -592,7 +593,7 @@ class Api:
                 )
         if outcome.status == "accepted":
             # Committed with the audit row: now the floor may change.
-            await self.hub.broker.announce([(punch, outcome)])
+            self.hub.presence(PunchesCommitted([(punch, outcome)], _now()))
         return json_response(answer, 201 if outcome.status == "accepted" else 200)
 
     # -- schedules ------------------------------------------------------------

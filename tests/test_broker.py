@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from hub import store
 from hub.broker import ENCODER, Broker, LocalBroker, RedisBroker
 from hub.config import Settings
+from hub.events import ClockTicked, EmployeeRenamed, PresenceEvent, PunchesCommitted
 from hub.redis_keys import WORKER_GROUP, RedisKeys
 from workers.persist import PunchOutcome, PunchRequest, StoreUnavailable
 from workers.stream import StreamWorker
@@ -65,7 +66,13 @@ class Rig:
     """A broker, what it told presence, and (Redis only) its Redis, keys and worker runner."""
 
     broker: Broker
-    committed: list[tuple[PunchRequest, PunchOutcome]] = field(default_factory=list)
+    events: list[PresenceEvent] = field(default_factory=list)
+
+    @property
+    def committed(self) -> list[tuple[PunchRequest, PunchOutcome]]:
+        """The punches presence was told were committed, in order."""
+        return [pair for e in self.events if isinstance(e, PunchesCommitted) for pair in e.stored]
+
     redis: aioredis.Redis | None = None
     keys: RedisKeys | None = None
     pool: asyncpg.Pool | None = None
@@ -117,15 +124,15 @@ def settings(**env: str) -> Settings:
 async def rig(
     request: pytest.FixtureRequest, pool: asyncpg.Pool, redis_server: str, redis_prefix: str
 ) -> AsyncIterator[Rig]:
-    found: list[tuple[PunchRequest, PunchOutcome]] = []
+    found: list[PresenceEvent] = []
     if request.param == "local":
-        made = Rig(LocalBroker(pool, settings(), found.extend), found)
+        made = Rig(LocalBroker(pool, settings(), found.append), found)
         await made.broker.start()
         yield made
         await made.broker.stop()
         return
     keys = RedisKeys(redis_prefix)
-    broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.extend, ack_timeout_s=5)
+    broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.append, ack_timeout_s=5)
     client = aioredis.Redis.from_url(redis_server)
     made = Rig(broker, found, client, keys, pool)
     await broker.start()
@@ -194,15 +201,22 @@ async def test_many_punches_at_once_each_get_their_own_answer(
         assert await rig.redis.xlen(rig.keys.punches) == 0
 
 
-async def test_announced_punches_reach_presence(rig: Rig, tenant: str) -> None:
+async def test_published_events_come_back_to_be_applied_in_order(rig: Rig, tenant: str) -> None:
     punch = request(tenant, source="manual", reason="forgot")
     outcome = PunchOutcome("accepted", punch.received_at, None, "e1", "hq", "One")
-    await rig.broker.announce([(punch, outcome)])
+    now = datetime.now(UTC)
+    events: list[PresenceEvent] = [
+        PunchesCommitted([(punch, outcome)], now),
+        EmployeeRenamed(tenant, "e1", "Uno"),
+        ClockTicked(now),
+    ]
+    for event in events:
+        rig.broker.publish(event)
     for _ in range(200):
-        if rig.committed:
+        if len(rig.events) >= len(events):
             break
         await asyncio.sleep(0.01)
-    assert rig.committed == [(punch, outcome)]
+    assert rig.events == events
 
 
 async def test_stopping_answers_what_waits(rig: Rig, tenant: str) -> None:
@@ -224,9 +238,9 @@ async def test_stopping_answers_what_waits(rig: Rig, tenant: str) -> None:
 
 @pytest.fixture
 async def redis_rig(pool: asyncpg.Pool, redis_server: str, redis_prefix: str) -> AsyncIterator[Rig]:
-    found: list[tuple[PunchRequest, PunchOutcome]] = []
+    found: list[PresenceEvent] = []
     keys = RedisKeys(redis_prefix)
-    broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.extend, ack_timeout_s=1)
+    broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.append, ack_timeout_s=1)
     client = aioredis.Redis.from_url(redis_server)
     made = Rig(broker, found, client, keys, pool)
     await broker.start()
@@ -371,3 +385,29 @@ async def test_a_worker_survives_a_batch_that_fails_unexpectedly(
     # The same worker goes on storing.
     assert (await submit(redis_rig.broker, request(tenant))).status == "accepted"
     assert await stored_count(owner, tenant) == 1
+
+
+async def test_every_hub_applies_every_event_in_one_order(
+    redis_rig: Rig, redis_server: str, redis_prefix: str, tenant: str
+) -> None:
+    other_events: list[PresenceEvent] = []
+    assert redis_rig.keys is not None
+    other = RedisBroker(
+        redis_server, redis_rig.keys, uuid.uuid4().hex, other_events.append, ack_timeout_s=1
+    )
+    await other.start()
+    try:
+        now = datetime.now(UTC)
+        # Both publish at once: whatever the interleaving, both hubs apply the same sequence.
+        for n in range(50):
+            redis_rig.broker.publish(EmployeeRenamed(tenant, "e1", f"A{n}"))
+            other.publish(EmployeeRenamed(tenant, "e1", f"B{n}"))
+        other.publish(ClockTicked(now))
+        for _ in range(300):
+            if len(redis_rig.events) >= 101 and len(other_events) >= 101:
+                break
+            await asyncio.sleep(0.01)
+        assert len(redis_rig.events) == 101
+        assert redis_rig.events == other_events
+    finally:
+        await other.stop()

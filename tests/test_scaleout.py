@@ -305,3 +305,41 @@ async def test_postgres_restarting_mid_stream_loses_and_doubles_nothing(
         await asyncio.to_thread(pg.stop)
         pg.remove_socket_dir()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_what_happens_on_one_hub_reaches_the_floors_of_another(
+    cluster: Cluster, kit: TenantKit, database: str
+) -> None:
+    cluster.worker("w1")
+    other = cluster.hub()
+    elsewhere = TenantKit(other.base_url, database, TEST_SECRET, kit.slug)
+    elsewhere.terminal_token = kit.terminal_token
+    try:
+        supervisor = elsewhere.token("supervisor", "lead", sites=["hq"])
+        watching = await elsewhere.connect(supervisor)
+        await subscribe(watching, "presence:hq")
+        await watching.recv()
+        await subscribe(watching, "terminals:hq")
+        [door] = (await watching.recv())["members"]
+        assert door["online"] is False
+        # The door connects to the first hub: the second hub's board shows it online.
+        terminal = await kit.connect()
+        online = await watching.recv()
+        assert (online["channel"], online["changes"][0]["online"]) == ("terminals:hq", True)
+        # A punch there, committed by the worker: a delta here.
+        assert (await terminal.punch(punch_frame("e1")))["status"] == "accepted"
+        moved = await watching.recv()
+        assert (moved["channel"], moved["changes"][0]["state"]) == ("presence:hq", "in")
+        # A rename through the first hub's REST API: the name changes here too.
+        response = await kit.http.put(
+            "/v1/employees/e1", json={"name": "Ann Lee", "site": "hq", "badge": "b1"}
+        )
+        assert response.status_code == 200, response.text
+        renamed = await watching.recv()
+        assert renamed["changes"][0]["name"] == "Ann Lee"
+        await terminal.close()
+        offline = await watching.recv()
+        assert (offline["channel"], offline["changes"][0]["online"]) == ("terminals:hq", False)
+        await watching.close()
+    finally:
+        await elsewhere.close()

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
@@ -33,7 +34,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from hub import metrics
-from hub.broker import ENCODER, PUNCH_DECODER, AckMessage
+from hub.broker import ENCODER, EVENTS_MAX, PUNCH_DECODER, AckMessage, event_fields
+from hub.events import PunchesCommitted
 from hub.redis_keys import WORKER_GROUP, RedisKeys
 from workers.persist import (
     PunchOutcome,
@@ -174,7 +176,13 @@ class StreamWorker:
         try:
             pipe = self._redis.pipeline(transaction=False)
             if stored:
-                pipe.publish(self._keys.committed, ENCODER.encode(stored))
+                committed = PunchesCommitted(stored, datetime.now(UTC))
+                pipe.xadd(
+                    self._keys.presence,
+                    event_fields(committed),
+                    maxlen=EVENTS_MAX,
+                    approximate=True,
+                )
             for hub, answers in by_hub.items():
                 pipe.publish(self._keys.acks(hub), ENCODER.encode(answers))
             done = [entry.id for entry in good]
