@@ -303,7 +303,7 @@ async def test_the_janitor_takes_over_a_dead_workers_punches(
     redis_rig: Rig, tenant: str, owner: asyncpg.Connection
 ) -> None:
     assert redis_rig.redis is not None and redis_rig.keys is not None
-    janitor = redis_rig.worker("janitor", claim_idle_ms=200)
+    janitor = redis_rig.worker("janitor", claim_idle_ms=2000)
     await janitor.ensure_group()
     punches = [request(tenant) for _ in range(5)]
     for n, punch in enumerate(punches):
@@ -314,7 +314,7 @@ async def test_the_janitor_takes_over_a_dead_workers_punches(
     await redis_rig.redis.xreadgroup(WORKER_GROUP, "dead", {redis_rig.keys.punches: ">"}, count=10)
     # Not idle long enough yet: left alone.
     assert await janitor.reclaim() == 0
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(2.1)
     assert await janitor.reclaim() == 5
     assert await stored_count(owner, tenant) == 5
     pending = await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP)
