@@ -236,9 +236,7 @@ def main() -> None:
                         child.kill()
     seen = [item for out in outs for item in json.loads(out.read_text())]
     ack = np.array([(acked - sent) * 1000 for sent, acked in timings.values()])
-    delivery = np.array(
-        [(at - timings[since][1]) * 1000 for since, at in seen if since in timings]
-    )
+    delivery = np.array([(at - timings[since][1]) * 1000 for since, at in seen if since in timings])
     from_send = np.array(
         [(at - timings[since][0]) * 1000 for since, at in seen if since in timings]
     )

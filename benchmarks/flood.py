@@ -56,9 +56,7 @@ def punch_writes() -> list[bytes]:
         frame = {"type": "punch", "id": str(uuid.uuid4()), "employee": "e1", "kind": "in", "at": at}
         return masked_frame(json.dumps(frame).encode())
 
-    return [
-        b"".join(punch() for _ in range(FRAMES_PER_WRITE)) for _ in range(DISTINCT_WRITES)
-    ]
+    return [b"".join(punch() for _ in range(FRAMES_PER_WRITE)) for _ in range(DISTINCT_WRITES)]
 
 
 async def handshake(url: str, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -207,31 +207,39 @@ def wait_for_quiet(options: Options) -> float:
             return busy
 
 
-def loadgen(
-    options: Options, server: Server, tokens: Path, rate: float | None, database: str
-) -> dict[str, Any]:
-    busy = wait_for_quiet(options) if options.quiet_below > 0 else float("nan")
+def loadgen_argv(
+    urls: Sequence[str],
+    tokens: Path,
+    terminals: int,
+    in_flight: int,
+    duration: float,
+    warmup: float,
+    employees: int,
+    processes: int,
+    watch: dict[str, str],
+    database: str,
+    rate: float | None,
+) -> list[str]:
+    """The ``loadgen.py`` command line; it watches ``watch`` (name: pid) and the database."""
     argv = [
         sys.executable,
         str(HERE / "loadgen.py"),
-        "--url",
-        server.url,
+        *(part for url in urls for part in ("--url", url)),
         "--tokens-file",
         str(tokens),
         "--terminals",
-        str(options.terminals),
+        str(terminals),
         "--in-flight",
-        str(options.in_flight),
+        str(in_flight),
         "--duration",
-        str(options.duration),
+        str(duration),
         "--warmup",
-        str(options.warmup),
+        str(warmup),
         "--employees",
-        str(options.employees),
+        str(employees),
         "--processes",
-        str(options.processes),
-        "--watch",
-        f"server={server.popen.pid}",
+        str(processes),
+        *(part for name, pid in watch.items() for part in ("--watch", f"{name}={pid}")),
         "--watch",
         # A PostgreSQL backend's title names its database: "postgres: 15/main: user db host".
         f"postgres=cmd:^postgres: .* {re.escape(database)} ",
@@ -239,6 +247,26 @@ def loadgen(
     ]
     if rate is not None:
         argv += ["--rate", str(rate)]
+    return argv
+
+
+def loadgen(
+    options: Options, server: Server, tokens: Path, rate: float | None, database: str
+) -> dict[str, Any]:
+    busy = wait_for_quiet(options) if options.quiet_below > 0 else float("nan")
+    argv = loadgen_argv(
+        [server.url],
+        tokens,
+        options.terminals,
+        options.in_flight,
+        options.duration,
+        options.warmup,
+        options.employees,
+        options.processes,
+        {"server": str(server.popen.pid)},
+        database,
+        rate,
+    )
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         raise RuntimeError(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import secrets
 import statistics
 import subprocess
@@ -34,7 +33,6 @@ from typing import Any
 
 import redis
 from run import (
-    HERE,
     REPO,
     Server,
     _stored,
@@ -42,6 +40,7 @@ from run import (
     free_port,
     fresh_database,
     hub_env,
+    loadgen_argv,
     provision_hub,
     serving,
 )
@@ -83,29 +82,19 @@ def load(
     rate: float | None,
     database: str,
 ) -> dict[str, Any]:
-    argv = [
-        sys.executable,
-        str(HERE / "loadgen.py"),
-        *(part for hub in hubs for part in ("--url", hub.url)),
-        "--tokens-file",
-        str(tokens),
-        "--terminals",
-        str(args.terminals),
-        "--in-flight",
-        str(args.in_flight),
-        "--duration",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--employees",
-        str(args.employees),
-        *(part for name, pid in watch.items() for part in ("--watch", f"{name}={pid}")),
-        "--watch",
-        f"postgres=cmd:^postgres: .* {re.escape(database)} ",
-        "--json",
-    ]
-    if rate is not None:
-        argv += ["--rate", str(rate)]
+    argv = loadgen_argv(
+        [hub.url for hub in hubs],
+        tokens,
+        args.terminals,
+        args.in_flight,
+        args.duration,
+        args.warmup,
+        args.employees,
+        1,
+        {name: str(pid) for name, pid in watch.items()},
+        database,
+        rate,
+    )
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         tails = "\n".join(hub.tail() for hub in hubs)

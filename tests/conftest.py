@@ -186,3 +186,22 @@ async def owner(database: str) -> AsyncIterator[asyncpg.Connection]:
     await migrate(conn)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+async def pool(owner: asyncpg.Connection, database: str) -> AsyncIterator[asyncpg.Pool]:
+    """The application's pool on the test database, for tests below the hub."""
+    made = await store.create_pool(database, max_size=4)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def bare_tenant(owner: asyncpg.Connection) -> str:
+    """A tenant made straight in the database: site `hq` and employee `e1` (badge b1)."""
+    slug = f"p-{secrets.token_hex(5)}"
+    await store.ensure_tenant(owner, slug, slug, "UTC")
+    site = {"name": "HQ", "timezone": "UTC", "lat": None, "lon": None, "radius_m": None}
+    await store.upsert_site(owner, slug, "hq", {**site, "policy": {}})
+    await store.upsert_employee(owner, slug, "e1", {"name": "One", "site": "hq", "badge": "b1"})
+    return slug

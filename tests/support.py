@@ -121,14 +121,19 @@ class HubProcess:
         return self.popen.wait(timeout)
 
     def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
+        stop_process(self.popen)
+
+
+def stop_process(popen: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a child that may still run, and SIGKILL it if it takes more than 20 s."""
+    if popen is None or popen.poll() is not None:
+        return
+    popen.send_signal(signal.SIGTERM)
+    try:
+        popen.wait(20)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(10)
 
 
 class TenantKit:

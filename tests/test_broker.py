@@ -17,7 +17,6 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from hub import store
 from hub.broker import ENCODER, Broker, LocalBroker, RedisBroker
 from hub.config import Settings
 from hub.events import ClockTicked, EmployeeRenamed, PresenceEvent, PunchesCommitted
@@ -29,20 +28,8 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def pool(owner: asyncpg.Connection, database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await store.create_pool(database, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def tenant(owner: asyncpg.Connection) -> str:
-    slug = f"b-{uuid.uuid4().hex[:10]}"
-    await store.ensure_tenant(owner, slug, slug, "UTC")
-    site = {"name": "HQ", "timezone": "UTC", "lat": None, "lon": None, "radius_m": None}
-    await store.upsert_site(owner, slug, "hq", {**site, "policy": {}})
-    await store.upsert_employee(owner, slug, "e1", {"name": "One", "site": "hq", "badge": "b1"})
-    return slug
+def tenant(bare_tenant: str) -> str:
+    return bare_tenant
 
 
 def request(tenant: str, **fields: Any) -> PunchRequest:
@@ -91,6 +78,13 @@ class Rig:
             claim_idle_ms=claim_idle_ms,
             max_deliveries=deliveries,
         )
+
+    async def add_entry(self, punch: PunchRequest, token: int) -> bytes:
+        """A punch in the stream as a hub adds it, from a hub that is gone; the entry's id."""
+        assert self.redis is not None and self.keys is not None
+        fields = {b"hub": b"gone", b"token": token, b"punch": ENCODER.encode(punch)}
+        entry: Any = await self.redis.xadd(self.keys.punches, fields)  # type: ignore[arg-type]
+        return bytes(entry)
 
     def run_worker(self, name: str) -> None:
         worker = self.worker(name)
@@ -276,9 +270,7 @@ async def test_a_worker_started_again_reads_its_own_unanswered_punches_first(
     crashed = redis_rig.worker("steady-name")
     await crashed.ensure_group()
     punch = request(tenant)
-    await redis_rig.redis.xadd(
-        redis_rig.keys.punches, {b"hub": b"gone", b"token": 1, b"punch": ENCODER.encode(punch)}
-    )
+    await redis_rig.add_entry(punch, 1)
     # Read, and then the worker "dies" before committing.
     taken = await redis_rig.redis.xreadgroup(
         WORKER_GROUP, "steady-name", {redis_rig.keys.punches: ">"}, count=10
@@ -307,10 +299,7 @@ async def test_the_janitor_takes_over_a_dead_workers_punches(
     await janitor.ensure_group()
     punches = [request(tenant) for _ in range(5)]
     for n, punch in enumerate(punches):
-        await redis_rig.redis.xadd(
-            redis_rig.keys.punches,
-            {b"hub": b"gone", b"token": n, b"punch": ENCODER.encode(punch)},
-        )
+        await redis_rig.add_entry(punch, n)
     await redis_rig.redis.xreadgroup(WORKER_GROUP, "dead", {redis_rig.keys.punches: ">"}, count=10)
     # Not idle long enough yet: left alone.
     assert await janitor.reclaim() == 0
@@ -328,9 +317,7 @@ async def test_an_entry_delivered_too_often_goes_to_the_dead_letters(
     janitor = redis_rig.worker("janitor", claim_idle_ms=100, deliveries=3)
     await janitor.ensure_group()
     punch = request(tenant)
-    entry = await redis_rig.redis.xadd(
-        redis_rig.keys.punches, {b"hub": b"gone", b"token": 7, b"punch": ENCODER.encode(punch)}
-    )
+    entry = await redis_rig.add_entry(punch, 7)
     # Three workers take it in turn and die without answering.
     for name in ("a", "b", "c"):
         if name == "a":

@@ -4,44 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
-from hub import store
 from workers.persist import PunchBatcher, PunchRequest
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def pool(owner: asyncpg.Connection, database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await store.create_pool(database, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def tenant(owner: asyncpg.Connection) -> str:
-    slug = f"p-{uuid.uuid4().hex[:10]}"
-    await store.ensure_tenant(owner, slug, slug, "UTC")
-    await store.upsert_site(
-        owner,
-        slug,
-        "hq",
-        {
-            "name": "HQ",
-            "timezone": "UTC",
-            "lat": None,
-            "lon": None,
-            "radius_m": None,
-            "policy": {},
-        },
-    )
-    await store.upsert_employee(owner, slug, "e1", {"name": "One", "site": "hq", "badge": "b1"})
-    return slug
+def tenant(bare_tenant: str) -> str:
+    return bare_tenant
 
 
 def request(tenant: str, punch_id: uuid.UUID, **fields: object) -> PunchRequest:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import redis
 
 from hub.redis_keys import WORKER_GROUP, RedisKeys
 from tests.conftest import TEST_SECRET
-from tests.support import HubProcess, TenantKit, free_port, punch_frame
+from tests.support import HubProcess, TenantKit, free_port, punch_frame, stop_process
 from tests.test_faults import Tally, _account, _start, _terminals, _until
 from tests.test_presence_live import subscribe, watcher
 
@@ -62,14 +61,7 @@ class WorkerProcess:
         self.popen.wait(10)
 
     def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
+        stop_process(self.popen)
 
 
 @dataclass
