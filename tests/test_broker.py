@@ -287,7 +287,12 @@ async def test_a_worker_started_again_reads_its_own_unanswered_punches_first(
             break
         await asyncio.sleep(0.02)
     assert await stored_count(owner, tenant) == 1
-    pending = await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP)
+    # Acknowledged once answered, a moment after the commit.
+    for _ in range(300):
+        pending = await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP)
+        if not pending["pending"]:
+            break
+        await asyncio.sleep(0.02)
     assert pending["pending"] == 0
 
 
