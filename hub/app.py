@@ -27,7 +27,7 @@ from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
-from hub.events import PresenceEvent
+from hub.events import HubGone, PresenceEvent
 from hub.limits import (
     AddressLimiter,
     FloodMemory,
@@ -35,7 +35,7 @@ from hub.limits import (
     TenantConnections,
     client_address,
 )
-from hub.live import FLAG_SQL, Flag, Live
+from hub.live import FLAG_SQL, Flag, Live, LiveFloors
 from hub.migrate import migrate
 from hub.protocol import SUBPROTOCOLS, Codec
 from hub.redis_keys import RedisKeys
@@ -113,14 +113,10 @@ class Hub:
             self.dsn, min_size=2, max_size=self.settings.db_pool_size
         )
         self._system_pool = await store.create_system_pool(self.dsn)
-        # Started first: presence events from the moment it starts are applied on top of
-        # what PostgreSQL holds (applying one twice changes nothing).
-        self._broker = open_broker(self.settings, self._pool, self.run_id, self._apply)
-        await self._broker.start()
         async with self._system_pool.acquire() as conn:
             await self.devices.refresh(conn)
-            placed = await self.live.load(conn)
-        log.info("presence rebuilt from PostgreSQL: %d employees placed", placed)
+        self._broker = open_broker(self.settings, self._pool, self.run_id, self._apply)
+        await self._broker.start(LiveFloors(self.live, self._system_pool))
         self._clock = asyncio.create_task(self.live.keep_time(self.presence), name="presence-clock")
         self._following = asyncio.create_task(
             self.devices.follow(self._system_pool), name="device-revocations"
@@ -180,6 +176,12 @@ class Hub:
     def _apply(self, event: PresenceEvent) -> None:
         """Apply a presence event here; keep the flags it finds on the punches."""
         flags = self.live.apply(event)
+        if isinstance(event, HubGone) and event.hub == self.run_id:
+            # Taken for dead (a long pause, Redis away): the terminals still here say so again.
+            for connection in self.connections:
+                announced = connection.announcement()
+                if announced is not None:
+                    self.presence(announced)
         if flags:
             task = asyncio.create_task(self._store_flags(flags))
             self._flagging.add(task)

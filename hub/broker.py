@@ -30,10 +30,10 @@ from typing import Any, Final, Protocol
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from hub.config import Settings
-from hub.events import PresenceEvent, PunchesCommitted
+from hub.events import HubGone, PresenceEvent, PunchesCommitted
 from hub.redis_keys import RedisKeys
 from workers.persist import (
     PunchBatcher,
@@ -64,6 +64,18 @@ SEND_BATCH: Final = 512
 STREAM_MAX: Final = 1_000_000
 # Presence events kept in their stream (hubs read them within moments).
 EVENTS_MAX: Final = 100_000
+# Most presence events one read takes.
+FOLLOW_BATCH: Final = 512
+# How long the hub building the first checkpoint may take before another may try.
+CHECKPOINT_LOCK_MS: Final = 120_000
+# How often one hub (whichever holds the lease) writes the floors to Redis for hubs that
+# start later. At most this long of the presence stream is replayed on a hub's start.
+CHECKPOINT_INTERVAL_S: Final = 10.0
+# How long a hub's liveness key outlives its last refresh, and how often it is refreshed.
+# A hub that stopped refreshing is declared gone within TTL + period: its terminals go
+# offline on every board well within 10 s.
+HUB_TTL_S: Final = 5.0
+HUB_REFRESH_S: Final = 1.0
 
 
 def event_fields(event: PresenceEvent) -> dict[Any, Any]:
@@ -71,10 +83,30 @@ def event_fields(event: PresenceEvent) -> dict[Any, Any]:
     return {b"event": ENCODER.encode(event)}
 
 
+class Floors(Protocol):
+    """A hub's live channels, as its broker sets them up on start."""
+
+    async def rebuild(self) -> None:
+        """Start from what PostgreSQL holds."""
+        ...
+
+    def dump(self) -> bytes:
+        """Everything there is, versions included, for another hub process to take over."""
+        ...
+
+    def restore(self, dumped: bytes) -> None: ...
+
+    def hubs(self) -> set[str]:
+        """The hub processes that hold a terminal's socket, as the boards say."""
+        ...
+
+
 class Broker(Protocol):
     """Hands punches over to be committed and answers each one once; spreads presence events."""
 
-    async def start(self) -> None: ...
+    async def start(self, floors: Floors) -> None:
+        """Set the floors up (from PostgreSQL, or as the other hubs have them), then run."""
+        ...
 
     async def stop(self) -> None:
         """Answer what is waiting (committed, or ``StoreUnavailable``), then stop."""
@@ -113,8 +145,9 @@ class LocalBroker:
     def _committed(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
         self._on_event(PunchesCommitted(stored, datetime.now(UTC)))
 
-    async def start(self) -> None:
+    async def start(self, floors: Floors) -> None:
         self._batcher.start()
+        await floors.rebuild()
 
     async def stop(self) -> None:
         await self._batcher.stop()
@@ -130,6 +163,23 @@ class LocalBroker:
 
     async def check(self) -> str | None:
         return None
+
+
+class _Checkpoint(msgspec.Struct, array_like=True):
+    """The floors (``Floors.dump``) as they were after presence stream entry ``stream``."""
+
+    stream: str
+    state: bytes
+
+
+CHECKPOINT_DECODER: Final = msgspec.msgpack.Decoder(_Checkpoint)
+
+
+def _entry_id(entry: str | bytes) -> tuple[int, int]:
+    """A stream entry id as numbers, to compare."""
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class _Waiting(msgspec.Struct):
@@ -173,19 +223,129 @@ class RedisBroker:
         self._answered = asyncio.Event()
         self._closing = False
         self._closed = asyncio.Event()
+        self._caught_up = asyncio.Event()
 
-    async def start(self) -> None:
-        # Events from here on are applied; what came before is in PostgreSQL.
-        last: Any = await self._redis.xrevrange(self._keys.presence, count=1)
-        self._read_from = last[0][0].decode() if last else "0-0"
+    async def start(self, floors: Floors) -> None:
         self._tasks = [
             asyncio.create_task(self._listen(), name="broker-listen"),
             asyncio.create_task(self._send(), name="broker-send"),
             asyncio.create_task(self._expire(), name="broker-expire"),
-            asyncio.create_task(self._follow(), name="broker-follow"),
         ]
         # Answers can only be heard once subscribed: wait for that before taking punches.
         await asyncio.wait_for(self._listening.wait(), 30)
+        await self._take_floors(floors)
+        self._tasks += [
+            asyncio.create_task(self._follow(), name="broker-follow"),
+            asyncio.create_task(self._checkpoints(floors), name="broker-checkpoints"),
+            asyncio.create_task(self._liveness(floors), name="broker-liveness"),
+        ]
+        # Serve once the floors have caught up with the other hubs.
+        await asyncio.wait_for(self._caught_up.wait(), 60)
+
+    async def _take_floors(self, floors: Floors) -> None:
+        """Start as the other hubs are, from the checkpoint; the first hub builds it.
+
+        Every hub applies the same presence events in the same order to the same
+        checkpoint, so every channel has one version sequence across all hubs.
+        """
+        while True:
+            held: Any = await self._redis.get(self._keys.checkpoint)
+            if held is not None:
+                checkpoint = CHECKPOINT_DECODER.decode(held)
+                if await self._stream_holds_after(checkpoint.stream):
+                    floors.restore(checkpoint.state)
+                    self._read_from = checkpoint.stream
+                    log.info("presence taken over from the checkpoint at %s", checkpoint.stream)
+                    return
+                log.warning(
+                    "the presence checkpoint at %s is older than the stream: rebuilding",
+                    checkpoint.stream,
+                )
+            lock = self._keys.checkpoint_lock
+            if await self._redis.set(lock, self.hub, nx=True, px=CHECKPOINT_LOCK_MS):
+                try:
+                    # Events from here on are applied on top of what PostgreSQL holds
+                    # (applying one twice changes nothing).
+                    last: Any = await self._redis.xrevrange(self._keys.presence, count=1)
+                    self._read_from = last[0][0].decode() if last else "0-0"
+                    await floors.rebuild()
+                    await self._save_checkpoint(floors)
+                finally:
+                    if await self._redis.get(lock) == self.hub.encode():
+                        await self._redis.delete(lock)
+                return
+            # Another hub is building the first checkpoint.
+            await asyncio.sleep(0.1)
+
+    async def _stream_holds_after(self, entry: str) -> bool:
+        """Whether the presence stream still holds every entry after ``entry``."""
+        try:
+            info: Any = await self._redis.xinfo_stream(self._keys.presence)
+        except ResponseError:
+            # No stream (yet): nothing was trimmed from it.
+            return True
+        if info["entries-added"] == info["length"]:
+            return True
+        # Trimming takes the oldest entries: those after ``entry`` are all there if the
+        # oldest left is not after it.
+        first = info["first-entry"]
+        return first is not None and _entry_id(first[0]) <= _entry_id(entry)
+
+    async def _save_checkpoint(self, floors: Floors) -> None:
+        # Taken in one step: the floors as they are after the entry read last.
+        checkpoint = _Checkpoint(self._read_from, floors.dump())
+        await self._redis.set(self._keys.checkpoint, ENCODER.encode(checkpoint))
+
+    async def _checkpoints(self, floors: Floors) -> None:
+        """Write a checkpoint now and then, while this hub holds the writer's lease."""
+        lease = self._keys.checkpoint_writer
+        lease_ms = int(CHECKPOINT_INTERVAL_S * 2000)
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), CHECKPOINT_INTERVAL_S)
+                return
+            try:
+                holds = await self._redis.set(lease, self.hub, nx=True, px=lease_ms)
+                if not holds and await self._redis.get(lease) == self.hub.encode():
+                    holds = await self._redis.pexpire(lease, lease_ms)
+                if holds:
+                    await self._save_checkpoint(floors)
+            except (RedisError, OSError) as exc:
+                log.warning("could not write the presence checkpoint: %s", exc)
+
+    async def _liveness(self, floors: Floors) -> None:
+        """Keep this hub's liveness key; declare gone the hubs whose keys expired.
+
+        Only a hub that has kept its own key for a whole TTL judges others: after Redis
+        comes back empty, every live hub has set its key again by then.
+        """
+        mine = self._keys.hub(self.hub)
+        kept_since: float | None = None
+        while not self._closing:
+            try:
+                await self._redis.set(mine, b"1", px=int(HUB_TTL_S * 1000))
+                kept_since = kept_since or time.monotonic()
+                if time.monotonic() - kept_since >= HUB_TTL_S:
+                    await self._find_gone(floors)
+            except (RedisError, OSError) as exc:
+                kept_since = None
+                log.warning("cannot refresh this hub's liveness key: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), HUB_REFRESH_S)
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(mine)
+
+    async def _find_gone(self, floors: Floors) -> None:
+        others = sorted(floors.hubs() - {self.hub})
+        if not others:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for hub in others:
+            pipe.exists(self._keys.hub(hub))
+        for hub, alive in zip(others, await pipe.execute(), strict=True):
+            if not alive:
+                log.warning("hub %s stopped refreshing its key: its terminals are offline", hub)
+                self.publish(HubGone(hub, datetime.now(UTC)))
 
     async def stop(self) -> None:
         # The loops notice and end between Redis commands: cancelling one midway can leave
@@ -279,18 +439,21 @@ class RedisBroker:
         while not self._closing:
             try:
                 reply: Any = await self._redis.xread(
-                    {self._keys.presence: self._read_from}, count=512, block=200
+                    {self._keys.presence: self._read_from}, count=FOLLOW_BATCH, block=200
                 )
             except (RedisError, OSError) as exc:
                 log.warning("cannot read presence events from Redis: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            for entry_id, fields in reply[0][1] if reply else []:
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
                 self._read_from = entry_id.decode()
                 try:
                     self._on_event(EVENT_DECODER.decode(fields[b"event"]))
                 except Exception:
                     log.exception("presence event %s could not be applied", self._read_from)
+            if len(entries) < FOLLOW_BATCH:
+                self._caught_up.set()
 
     async def _listen(self) -> None:
         channels = (self._keys.acks(self.hub),)

@@ -101,6 +101,13 @@ class TerminalDisconnected(_Event, tag="disconnected"):
     now: datetime
 
 
+class HubGone(_Event, tag="hub_gone"):
+    """Hub process ``hub`` stopped refreshing its liveness key: its sockets are gone."""
+
+    hub: str
+    now: datetime
+
+
 PresenceEvent = (
     PunchesCommitted
     | EmployeeRenamed
@@ -112,4 +119,5 @@ PresenceEvent = (
     | DeviceRemoved
     | TerminalConnected
     | TerminalDisconnected
+    | HubGone
 )

@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple, Protocol
 
+import asyncpg
+import msgspec
+
 from hub import protocol as p
 from hub.events import (
     ClockTicked,
@@ -29,6 +32,7 @@ from hub.events import (
     EmployeeErased,
     EmployeeRenamed,
     GraceSet,
+    HubGone,
     PresenceEvent,
     PunchesCommitted,
     ShiftsPlanned,
@@ -36,7 +40,9 @@ from hub.events import (
     TerminalDisconnected,
 )
 from hub.presence import (
+    BoardDump,
     Delta,
+    FloorDump,
     Member,
     PresencePunch,
     Shift,
@@ -106,6 +112,16 @@ class Listener(Protocol):
         ...
 
 
+class LiveDump(msgspec.Struct, array_like=True):
+    base: int
+    floors: dict[str, FloorDump]
+    boards: dict[str, BoardDump]
+
+
+_DUMP_ENCODER: Final = msgspec.msgpack.Encoder()
+_DUMP_DECODER: Final = msgspec.msgpack.Decoder(LiveDump)
+
+
 class Flag(NamedTuple):
     tenant: str
     id: uuid.UUID
@@ -166,7 +182,41 @@ class Live:
                 self._send_all(tenant, self.board(tenant).connected(device, site, hub, now))
             case TerminalDisconnected(tenant=tenant, device=device, hub=hub, now=now):
                 self._send_all(tenant, self.board(tenant).disconnected(device, hub, now))
+            case HubGone(hub=hub, now=now):
+                for tenant, board in list(self._boards.items()):
+                    self._send_all(tenant, board.hub_gone(hub, now))
         return []
+
+    def dump(self) -> bytes:
+        """Every floor and board with their versions and logs, for another hub process."""
+        return _DUMP_ENCODER.encode(
+            LiveDump(
+                self._base,
+                {tenant: floor.dump() for tenant, floor in self._floors.items()},
+                {tenant: board.dump() for tenant, board in self._boards.items()},
+            )
+        )
+
+    def restore(self, dumped: bytes) -> None:
+        """Take over what ``dump`` gave, in place of every floor and board held here.
+
+        Versions then follow the same sequence as in the process that dumped, provided
+        both apply the same events from there on.
+        """
+        held = _DUMP_DECODER.decode(dumped)
+        self._base = held.base
+        self._floors = {
+            tenant: TenantFloor.restored(held.base, floor) for tenant, floor in held.floors.items()
+        }
+        self._boards = {
+            tenant: TerminalBoard.restored(held.base, board)
+            for tenant, board in held.boards.items()
+        }
+        self._replanned.set()
+
+    def hubs(self) -> set[str]:
+        """The hub processes (run ids) that hold a terminal's socket, as the boards say."""
+        return {hub for board in self._boards.values() for hub in board.hubs()}
 
     def _send_all(self, tenant: str, deltas: list[Delta]) -> None:
         for delta in deltas:
@@ -386,6 +436,28 @@ class Live:
                 data = b"".join(frame_message(payload, codec.binary) for payload in payloads)
                 framed = encoded[codec.subprotocol] = Framed(payloads, data)
             listener.send_framed(framed, tag)
+
+
+class LiveFloors:
+    """A hub's live channels as its broker sets them up (``hub.broker.Floors``)."""
+
+    def __init__(self, live: Live, pool: asyncpg.Pool) -> None:
+        self._live = live
+        self._pool = pool
+
+    async def rebuild(self) -> None:
+        async with self._pool.acquire() as conn:
+            placed = await self._live.load(conn)
+        log.info("presence rebuilt from PostgreSQL: %d employees placed", placed)
+
+    def dump(self) -> bytes:
+        return self._live.dump()
+
+    def restore(self, dumped: bytes) -> None:
+        self._live.restore(dumped)
+
+    def hubs(self) -> set[str]:
+        return self._live.hubs()
 
 
 def public_channel(name: str) -> str:

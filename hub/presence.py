@@ -56,6 +56,8 @@ DEFAULT_GRACE: Final = timedelta(minutes=5)
 
 # Deltas kept per channel for clients that reconnect with `since`.
 LOG_LENGTH: Final = 1024
+# Deltas kept per employee's own channel (each employee has one once anything changes).
+ME_LOG_LENGTH: Final = 64
 
 
 class PresencePunch(msgspec.Struct, frozen=True):
@@ -69,7 +71,7 @@ class PresencePunch(msgspec.Struct, frozen=True):
     at: datetime
 
 
-class Member(msgspec.Struct, frozen=True, omit_defaults=True):
+class Member(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     """One employee as a ``presence:`` channel shows them (PROTOCOL section 4).
 
     In a delta, a member whose ``state`` is ``out`` (and not ``late``) has left
@@ -84,7 +86,7 @@ class Member(msgspec.Struct, frozen=True, omit_defaults=True):
     late: bool = False
 
 
-class TerminalMember(msgspec.Struct, frozen=True):
+class TerminalMember(msgspec.Struct, frozen=True, tag=True):
     """One device as a ``terminals:`` channel shows it."""
 
     device: str
@@ -130,18 +132,38 @@ def channel_name(site: str) -> str:
     return f"presence:{site}"
 
 
+def board_name(site: str) -> str:
+    return f"terminals:{site}"
+
+
 def me_channel_name(employee: str) -> str:
     """How this process names an employee's ``me`` channel; clients only ever see ``me``."""
     return f"me:{employee}"
 
 
-class Channel:
-    """One site's floor: its version, and the recent deltas that led to it."""
+class ChannelDump(msgspec.Struct, array_like=True):
+    """A channel as it travels to another hub process: its version and its log."""
 
-    def __init__(self, name: str, version: int) -> None:
+    version: int
+    log: list[Delta]
+
+
+class Channel:
+    """One channel's version, and the recent deltas that led to it (``log_length`` at most)."""
+
+    def __init__(self, name: str, version: int, log_length: int = LOG_LENGTH) -> None:
         self.name = name
         self.version = version
-        self._log: deque[Delta] = deque(maxlen=LOG_LENGTH)
+        self._log: deque[Delta] = deque(maxlen=log_length)
+
+    @classmethod
+    def restored(cls, name: str, dump: ChannelDump, log_length: int = LOG_LENGTH) -> Channel:
+        channel = cls(name, dump.version, log_length)
+        channel._log.extend(dump.log)
+        return channel
+
+    def dump(self) -> ChannelDump:
+        return ChannelDump(self.version, list(self._log))
 
     def record(self, changes: tuple[Member | TerminalMember, ...]) -> Delta:
         self.version += 1
@@ -165,7 +187,7 @@ class Channel:
                 )
                 for delta in self._log
             ),
-            maxlen=LOG_LENGTH,
+            maxlen=self._log.maxlen,
         )
 
     def clear(self) -> None:
@@ -197,6 +219,17 @@ class Ticked(NamedTuple):
 
     deltas: list[Delta]
     late: list[tuple[str, Shift]]
+
+
+class FloorDump(msgspec.Struct):
+    latest: dict[str, _Latest]
+    channels: dict[str, ChannelDump]
+    shifts: dict[str, list[Shift]]
+    names: dict[str, str]
+    grace: dict[str, timedelta]
+    late: dict[str, Shift]
+    next: dict[str, datetime]
+    me: dict[str, ChannelDump]
 
 
 class TenantFloor:
@@ -231,6 +264,40 @@ class TenantFloor:
         self._next: dict[str, datetime] = {}
         self._me: dict[str, Channel] = {}
 
+    @classmethod
+    def restored(cls, base_version: int, dump: FloorDump) -> TenantFloor:
+        """The floor another hub process dumped (see ``dump``)."""
+        floor = cls(base_version)
+        floor._latest = dump.latest
+        floor._channels = {
+            site: Channel.restored(channel_name(site), held) for site, held in dump.channels.items()
+        }
+        floor._shifts = dump.shifts
+        floor._names = dump.names
+        floor._grace = dump.grace
+        floor._late = dump.late
+        floor._next = dump.next
+        floor._due = [(at, employee) for employee, at in dump.next.items()]
+        heapq.heapify(floor._due)
+        floor._me = {
+            employee: Channel.restored(me_channel_name(employee), held, ME_LOG_LENGTH)
+            for employee, held in dump.me.items()
+        }
+        return floor
+
+    def dump(self) -> FloorDump:
+        """All there is to this floor, to be encoded at once (it shares the floor's objects)."""
+        return FloorDump(
+            latest=self._latest,
+            channels={site: channel.dump() for site, channel in self._channels.items()},
+            shifts=self._shifts,
+            names=self._names,
+            grace=self._grace,
+            late=self._late,
+            next=self._next,
+            me={employee: channel.dump() for employee, channel in self._me.items()},
+        )
+
     def channel(self, site: str) -> Channel:
         channel = self._channels.get(site)
         if channel is None:
@@ -241,7 +308,9 @@ class TenantFloor:
         """The employee's own channel; it records changes from the first time it is asked for."""
         channel = self._me.get(employee)
         if channel is None:
-            channel = self._me[employee] = Channel(me_channel_name(employee), self._base)
+            channel = self._me[employee] = Channel(
+                me_channel_name(employee), self._base, ME_LOG_LENGTH
+            )
         return channel
 
     def late_for(self, employee: str) -> Shift | None:
@@ -403,12 +472,12 @@ class TenantFloor:
             deltas.append(self.channel(shown.site).record((gone,)))
         if after is not None and after != shown:
             deltas.append(self.channel(after.site).record((after,)))
-        me = self._me.get(employee)
-        if me is not None:
-            own_after = self._own(employee)
-            if own_after != own:
-                # On `me` a delta holds all there is to show: the member, or nothing.
-                deltas.append(me.record(() if own_after is None else (own_after,)))
+        own_after = self._own(employee)
+        if own_after != own:
+            # On `me` a delta holds all there is to show: the member, or nothing. Recorded
+            # whether or not anyone listens, so that every hub process counts alike.
+            me = self.me_channel(employee)
+            deltas.append(me.record(() if own_after is None else (own_after,)))
         return deltas
 
     def _rejudge(self, employees: Iterable[str], now: datetime) -> Ticked:
@@ -465,6 +534,11 @@ class _Device(msgspec.Struct):
     sockets: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+class BoardDump(msgspec.Struct):
+    devices: dict[str, _Device]
+    channels: dict[str, ChannelDump]
+
+
 class TerminalBoard:
     """Every device of one tenant, online or not, and a ``terminals:<site>`` channel per site.
 
@@ -480,10 +554,29 @@ class TerminalBoard:
         self._devices: dict[str, _Device] = {}
         self._channels: dict[str, Channel] = {}
 
+    @classmethod
+    def restored(cls, base_version: int, dump: BoardDump) -> TerminalBoard:
+        board = cls(base_version)
+        board._devices = dump.devices
+        board._channels = {
+            site: Channel.restored(board_name(site), held) for site, held in dump.channels.items()
+        }
+        return board
+
+    def dump(self) -> BoardDump:
+        return BoardDump(
+            devices=self._devices,
+            channels={site: channel.dump() for site, channel in self._channels.items()},
+        )
+
+    def hubs(self) -> set[str]:
+        """The hub processes holding a socket of any of these devices."""
+        return {hub for held in self._devices.values() for hub in held.sockets}
+
     def channel(self, site: str) -> Channel:
         channel = self._channels.get(site)
         if channel is None:
-            channel = self._channels[site] = Channel(f"terminals:{site}", self._base)
+            channel = self._channels[site] = Channel(board_name(site), self._base)
         return channel
 
     def known(self, device: str, site: str, name: str, now: datetime) -> list[Delta]:
@@ -526,6 +619,15 @@ class TerminalBoard:
             return []
         held.since = now
         return [self._record(device, held)]
+
+    def hub_gone(self, hub: str, now: datetime) -> list[Delta]:
+        """Hub process ``hub`` died: its sockets are gone, and devices with no other go offline."""
+        deltas = []
+        for device, held in sorted(self._devices.items()):
+            if held.sockets.pop(hub, None) is not None and not held.sockets:
+                held.since = now
+                deltas.append(self._record(device, held))
+        return deltas
 
     def removed(self, device: str, now: datetime) -> list[Delta]:
         """Revoked: off its site's board (a last change shows it offline)."""

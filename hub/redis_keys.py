@@ -25,6 +25,16 @@ class RedisKeys:
         # Presence events (committed punches, renames, terminals, clock ticks...), applied
         # by every hub in this stream's order.
         self.presence = f"{prefix}:presence"
+        # The floors as of a presence stream entry, for hubs that start later.
+        self.checkpoint = f"{prefix}:presence:checkpoint"
+        # Held by the hub that builds the first checkpoint from PostgreSQL.
+        self.checkpoint_lock = f"{prefix}:presence:checkpoint:lock"
+        # Held by the hub that writes the checkpoints for a while.
+        self.checkpoint_writer = f"{prefix}:presence:checkpoint:writer"
+
+    def hub(self, hub: str) -> str:
+        """Exists while hub process ``hub`` (its run id) is alive: it refreshes the expiry."""
+        return f"{self.prefix}:hubs:{hub}"
 
     def acks(self, hub: str) -> str:
         """Pub/sub: the outcomes of the punches that hub ``hub`` handed over."""

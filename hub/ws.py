@@ -289,21 +289,22 @@ class Connection:
             if self.session.claims is not None and hello_deadline is not None:
                 hello_deadline = None
                 self._role = self.session.claims.role
-                if self._role == "terminal":
-                    claims = self.session.claims
-                    assert claims.site is not None
-                    self.hub.presence(
-                        TerminalConnected(
-                            claims.tenant,
-                            claims.sub,
-                            claims.site,
-                            self.hub.run_id,
-                            datetime.now(UTC),
-                        )
-                    )
+                announced = self.announcement()
+                if announced is not None:
+                    self.hub.presence(announced)
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()
                 self._watch_expiry()
+
+    def announcement(self) -> TerminalConnected | None:
+        """What tells the boards this socket is a terminal's, online here; None for others."""
+        claims = self.session.claims
+        if self._role != "terminal" or claims is None:
+            return None
+        assert claims.site is not None
+        return TerminalConnected(
+            claims.tenant, claims.sub, claims.site, self.hub.run_id, datetime.now(UTC)
+        )
 
     async def _join(self, join: Join) -> None:
         claims = self.session.claims

@@ -7,8 +7,9 @@ Real PostgreSQL and real Redis, in this process: no hub, no WebSocket.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,9 +18,19 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+import hub.broker
 from hub.broker import ENCODER, Broker, LocalBroker, RedisBroker
 from hub.config import Settings
-from hub.events import ClockTicked, EmployeeRenamed, PresenceEvent, PunchesCommitted
+from hub.events import (
+    ClockTicked,
+    EmployeeRenamed,
+    HubGone,
+    PresenceEvent,
+    PunchesCommitted,
+    TerminalConnected,
+)
+from hub.live import Live, LiveFloors
+from hub.presence import TerminalMember
 from hub.redis_keys import WORKER_GROUP, RedisKeys
 from workers.persist import PunchOutcome, PunchRequest, StoreUnavailable
 from workers.stream import StreamWorker
@@ -121,7 +132,7 @@ async def rig(
     found: list[PresenceEvent] = []
     if request.param == "local":
         made = Rig(LocalBroker(pool, settings(), found.append), found)
-        await made.broker.start()
+        await made.broker.start(LiveFloors(Live(1), pool))
         yield made
         await made.broker.stop()
         return
@@ -129,7 +140,7 @@ async def rig(
     broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.append, ack_timeout_s=5)
     client = aioredis.Redis.from_url(redis_server)
     made = Rig(broker, found, client, keys, pool)
-    await broker.start()
+    await broker.start(LiveFloors(Live(1), pool))
     made.run_worker("w1")
     yield made
     await made.stop_workers()
@@ -237,7 +248,7 @@ async def redis_rig(pool: asyncpg.Pool, redis_server: str, redis_prefix: str) ->
     broker = RedisBroker(redis_server, keys, uuid.uuid4().hex, found.append, ack_timeout_s=1)
     client = aioredis.Redis.from_url(redis_server)
     made = Rig(broker, found, client, keys, pool)
-    await broker.start()
+    await broker.start(LiveFloors(Live(1), pool))
     yield made
     await made.stop_workers()
     await broker.stop()
@@ -380,14 +391,14 @@ async def test_a_worker_survives_a_batch_that_fails_unexpectedly(
 
 
 async def test_every_hub_applies_every_event_in_one_order(
-    redis_rig: Rig, redis_server: str, redis_prefix: str, tenant: str
+    redis_rig: Rig, redis_server: str, tenant: str
 ) -> None:
     other_events: list[PresenceEvent] = []
     assert redis_rig.keys is not None
     other = RedisBroker(
         redis_server, redis_rig.keys, uuid.uuid4().hex, other_events.append, ack_timeout_s=1
     )
-    await other.start()
+    await other.start(LiveFloors(Live(1), redis_rig.pool))
     try:
         now = datetime.now(UTC)
         # Both publish at once: whatever the interleaving, both hubs apply the same sequence.
@@ -403,3 +414,188 @@ async def test_every_hub_applies_every_event_in_one_order(
         assert redis_rig.events == other_events
     finally:
         await other.stop()
+
+
+# -- Shared floors: checkpoints and hub liveness (Redis only) ---------------------------------
+
+
+class CountingFloors(LiveFloors):
+    """A hub's real floors, counting how often they were built from PostgreSQL."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.live = Live(base_version=time.time_ns() // 1000)
+        super().__init__(self.live, pool)
+        self.rebuilt = 0
+
+    async def rebuild(self) -> None:
+        self.rebuilt += 1
+        await super().rebuild()
+
+
+@dataclass
+class LiveHub:
+    """A Redis broker applying presence events to real floors, as a hub process does."""
+
+    broker: RedisBroker
+    floors: CountingFloors
+    events: list[PresenceEvent]
+
+    def versions(self, tenant: str) -> tuple[int, int, int]:
+        live = self.floors.live
+        floor, board = live.floor(tenant), live.board(tenant)
+        return (
+            floor.channel("hq").version,
+            floor.me_channel("e1").version,
+            board.channel("hq").version,
+        )
+
+
+@pytest.fixture
+async def live_hubs(
+    pool: asyncpg.Pool, redis_server: str, redis_prefix: str
+) -> AsyncIterator[Callable[[], LiveHub]]:
+    made: list[LiveHub] = []
+
+    def make() -> LiveHub:
+        floors = CountingFloors(pool)
+        events: list[PresenceEvent] = []
+
+        def apply(event: PresenceEvent) -> None:
+            events.append(event)
+            floors.live.apply(event)
+
+        broker = RedisBroker(
+            redis_server, RedisKeys(redis_prefix), uuid.uuid4().hex, apply, ack_timeout_s=1
+        )
+        made.append(LiveHub(broker, floors, events))
+        return made[-1]
+
+    yield make
+    for live_hub in made:
+        await live_hub.broker.stop()
+
+
+def moves(tenant: str, n: int) -> list[PresenceEvent]:
+    """Events that move all three kinds of channel: a rename, a punch, a terminal."""
+    now = datetime.now(UTC)
+    punch = request(tenant, at=now)
+    outcome = PunchOutcome(status="accepted", received_at=now, employee="e1", site="hq", name="One")
+    return [
+        EmployeeRenamed(tenant, "e1", f"One {n}"),
+        PunchesCommitted([(punch, outcome)], now),
+        TerminalConnected(tenant, f"door-{n}", "hq", "some-hub", now),
+    ]
+
+
+async def applied(live_hub: LiveHub, count: int) -> None:
+    for _ in range(500):
+        if len(live_hub.events) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(live_hub.events)} events applied, not {count}")
+
+
+async def test_a_hub_that_starts_later_counts_versions_on_from_the_others(
+    live_hubs: Callable[[], LiveHub], tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub.broker, "CHECKPOINT_INTERVAL_S", 0.2)
+    first = live_hubs()
+    await first.broker.start(first.floors)
+    for n in range(3):
+        for event in moves(tenant, n):
+            first.broker.publish(event)
+    await applied(first, 9)
+    # A checkpoint after some of the events, then more events before the second hub starts.
+    await asyncio.sleep(0.5)
+    for event in moves(tenant, 3):
+        first.broker.publish(event)
+    await applied(first, 12)
+    second = live_hubs()
+    await second.broker.start(second.floors)
+    assert (first.floors.rebuilt, second.floors.rebuilt) == (1, 0)
+    assert second.versions(tenant) == first.versions(tenant)
+    for event in moves(tenant, 4):
+        second.broker.publish(event)
+    await applied(first, 15)
+    await applied(second, 3)
+    await asyncio.sleep(0.1)
+    assert second.versions(tenant) == first.versions(tenant)
+    assert second.floors.dump() == first.floors.dump()
+    base = first.floors.live.floor(tenant).channel("elsewhere").version
+    assert [v - base for v in first.versions(tenant)] == [9, 9, 5]
+
+
+async def test_hubs_that_start_together_build_the_floors_once(
+    live_hubs: Callable[[], LiveHub], tenant: str
+) -> None:
+    hubs = [live_hubs() for _ in range(3)]
+    await asyncio.gather(*(h.broker.start(h.floors) for h in hubs))
+    assert sorted(h.floors.rebuilt for h in hubs) == [0, 0, 1]
+    for event in moves(tenant, 0):
+        hubs[2].broker.publish(event)
+    for h in hubs:
+        await applied(h, 3)
+    assert len({h.floors.dump() for h in hubs}) == 1
+
+
+async def test_a_checkpoint_the_stream_has_moved_past_is_built_again(
+    live_hubs: Callable[[], LiveHub], redis_rig: Rig, tenant: str
+) -> None:
+    assert redis_rig.redis is not None and redis_rig.keys is not None
+    first = live_hubs()
+    await first.broker.start(first.floors)
+    stale = await redis_rig.redis.get(redis_rig.keys.checkpoint)
+    for event in moves(tenant, 0):
+        first.broker.publish(event)
+    await applied(first, 3)
+    await first.broker.stop()
+    # The entries after the checkpoint are trimmed away: it cannot be caught up from.
+    await redis_rig.redis.xtrim(redis_rig.keys.presence, maxlen=1, approximate=False)
+    await redis_rig.redis.set(redis_rig.keys.checkpoint, stale)
+    second = live_hubs()
+    await second.broker.start(second.floors)
+    assert second.floors.rebuilt == 1
+    assert await redis_rig.redis.get(redis_rig.keys.checkpoint) != stale
+
+
+async def test_a_hub_that_stops_refreshing_its_key_has_its_terminals_taken_offline(
+    live_hubs: Callable[[], LiveHub], tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub.broker, "HUB_TTL_S", 0.5)
+    monkeypatch.setattr(hub.broker, "HUB_REFRESH_S", 0.05)
+    watcher, other = live_hubs(), live_hubs()
+    await watcher.broker.start(watcher.floors)
+    await other.broker.start(other.floors)
+    now = datetime.now(UTC)
+    # A socket on a hub that never had a key, one on each live hub.
+    for device, on in (
+        ("d-dead", "dead-hub"),
+        ("d1", watcher.broker.hub),
+        ("d2", other.broker.hub),
+    ):
+        watcher.broker.publish(TerminalConnected(tenant, device, "hq", on, now))
+    await applied(other, 3)
+    for _ in range(200):
+        if any(isinstance(e, HubGone) for e in other.events):
+            break
+        await asyncio.sleep(0.01)
+    gone = [e.hub for e in other.events if isinstance(e, HubGone)]
+    assert set(gone) == {"dead-hub"}
+    online = {
+        member.device: member.online
+        for member in other.floors.live.board(tenant).snapshot("hq").members
+        if isinstance(member, TerminalMember)
+    }
+    assert online == {"d-dead": False, "d1": True, "d2": True}
+    # The other hub stops (as if killed: its key is left to expire).
+    await other.broker.stop()
+    for _ in range(300):
+        if other.broker.hub in [e.hub for e in watcher.events if isinstance(e, HubGone)]:
+            break
+        await asyncio.sleep(0.01)
+    board = watcher.floors.live.board(tenant).snapshot("hq")
+    assert {m.device: m.online for m in board.members if isinstance(m, TerminalMember)} == {
+        "d-dead": False,
+        "d1": True,
+        "d2": False,
+    }

@@ -19,6 +19,7 @@ from hub.events import (
     EmployeeErased,
     EmployeeRenamed,
     GraceSet,
+    HubGone,
     PresenceEvent,
     PunchesCommitted,
     ShiftsPlanned,
@@ -76,7 +77,9 @@ EVENTS: list[PresenceEvent] = [
     committed("e1", "break_start", 120, 120),
     committed("e1", "in", 60, 121),
     EmployeeRenamed("acme", "e1", "Ann"),
+    TerminalConnected("acme", "door", "hq", "hub-b", at(130)),
     TerminalDisconnected("acme", "door", "hub-a", at(200)),
+    HubGone("hub-b", at(201)),
     ShiftsPlanned("acme", "e3", "Name e3", [Shift("hq", at(150), at(300))], at(201)),
     ClockTicked(at(300)),
     EmployeeErased("acme", "e2", "[erased]", at(301)),
@@ -120,3 +123,22 @@ def test_the_same_events_give_the_same_frames_wherever_they_are_applied(
     ]
     assert late == [("presence:hq", "e2"), ("presence:hq", "e3"), ("me", "e3")]
     assert [flag.flag for flag in flags_here] == ["in_while_in", "out_of_order"]
+
+
+def test_a_process_restored_from_a_dump_goes_on_exactly_like_the_one_that_dumped() -> None:
+    for split in range(len(EVENTS) + 1):
+        dumped_by, restored = Live(base_version=1_000), Live(base_version=5_000_000)
+        for event in EVENTS[:split]:
+            dumped_by.apply(event)
+        restored.restore(dumped_by.dump())
+        here, there = Recorder(), Recorder()
+        channels = ("presence:hq", "terminals:hq", me_channel_name("e1"), me_channel_name("e3"))
+        for live, recorder in ((dumped_by, here), (restored, there)):
+            for channel in channels:
+                joined = live.join(recorder, "acme", channel, None, None)
+                recorder.frames.extend(recorder.codec.encode(frame) for frame in joined)
+            for event in EVENTS[split:]:
+                live.apply(event)
+        assert here.frames == there.frames, split
+        assert restored.dump() == dumped_by.dump(), split
+        assert restored.next_due() == dumped_by.next_due(), split

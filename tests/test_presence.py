@@ -138,6 +138,11 @@ def test_each_channels_versions_are_gapless(sequence: list[PresencePunch]) -> No
         assert floor.snapshot(site).version == last[f"presence:{site}"]
 
 
+def on_floors(deltas: list[Delta]) -> list[Delta]:
+    """The deltas of ``presence:`` channels, leaving out the employee's own."""
+    return [delta for delta in deltas if delta.channel.startswith("presence:")]
+
+
 def test_a_late_older_punch_changes_nothing_and_is_flagged_out_of_order() -> None:
     floor = TenantFloor(BASE)
     floor.apply(punch("e1", "in", 10), NOW)
@@ -151,7 +156,7 @@ def test_moving_to_another_site_leaves_the_first_floor() -> None:
     floor.apply(punch("e1", "in", 0, "hq"), NOW)
     flag, deltas = floor.apply(punch("e1", "in", 60, "plant"), NOW)
     assert flag == "in_while_in"
-    assert [(d.channel, d.changes[0].state, d.changes[0].site) for d in deltas] == [
+    assert [(d.channel, d.changes[0].state, d.changes[0].site) for d in on_floors(deltas)] == [
         ("presence:hq", "out", "hq"),
         ("presence:plant", "in", "plant"),
     ]
@@ -163,13 +168,14 @@ def test_clocking_out_elsewhere_only_leaves_the_floor_one_was_on() -> None:
     floor = TenantFloor(BASE)
     floor.apply(punch("e1", "in", 0, "hq"), NOW)
     _, deltas = floor.apply(punch("e1", "out", 60, "plant"), NOW)
-    assert [(d.channel, d.changes[0].state) for d in deltas] == [("presence:hq", "out")]
+    assert [(d.channel, d.changes[0].state) for d in on_floors(deltas)] == [("presence:hq", "out")]
 
 
 def test_out_while_out_and_a_first_out_change_no_floor() -> None:
     floor = TenantFloor(BASE)
-    assert floor.apply(punch("e1", "out", 0), NOW) == ("out_while_out", [])
-    assert floor.apply(punch("e1", "out", 1), NOW) == ("out_while_out", [])
+    for second in (0, 1):
+        flag, deltas = floor.apply(punch("e1", "out", second), NOW)
+        assert (flag, on_floors(deltas)) == ("out_while_out", [])
     assert floor.channel("hq").version == BASE
 
 
@@ -247,7 +253,7 @@ def test_a_fresh_channel_recovers_only_its_own_version() -> None:
 def test_a_rename_shows_on_the_floor_the_employee_is_on() -> None:
     floor = TenantFloor(BASE)
     floor.apply(punch("e1", "in", 0), NOW)
-    [delta] = floor.rename("e1", "Ann Lee")
+    [delta] = on_floors(floor.rename("e1", "Ann Lee"))
     assert (delta.channel, delta.changes[0].name, delta.changes[0].state) == (
         "presence:hq",
         "Ann Lee",
@@ -256,14 +262,14 @@ def test_a_rename_shows_on_the_floor_the_employee_is_on() -> None:
     assert floor.snapshot("hq").members[0].name == "Ann Lee"
     assert floor.rename("e1", "Ann Lee") == []
     floor.apply(punch("e1", "out", 5), NOW)
-    assert floor.rename("e1", "Ann") == []
+    assert on_floors(floor.rename("e1", "Ann")) == []
     assert floor.rename("nobody", "X") == []
 
 
 def test_forgetting_an_erased_employee_takes_them_off_the_floor_and_out_of_memory() -> None:
     floor = TenantFloor(BASE)
     floor.apply(punch("e1", "in", 0), NOW)
-    [delta] = floor.forget("e1", "[erased]", NOW)
+    [delta] = on_floors(floor.forget("e1", "[erased]", NOW))
     assert (delta.changes[0].name, delta.changes[0].state) == ("[erased]", "out")
     assert floor.snapshot("hq").members == ()
     assert floor.state_of("e1") is None
@@ -292,8 +298,8 @@ def test_a_scheduled_employee_not_in_becomes_late_when_the_grace_period_ends() -
     assert floor.snapshot("hq").members == ()
     ticked = floor.tick(at(5))
     late = Member("e1", "Ann", "out", T0, "hq", late=True)
-    assert [d.changes for d in ticked.deltas] == [(late,)]
-    assert ticked.deltas[0].version == BASE + 1
+    assert [d.changes for d in on_floors(ticked.deltas)] == [(late,)]
+    assert on_floors(ticked.deltas)[0].version == BASE + 1
     assert ticked.late == [("e1", SHIFT)]
     assert floor.snapshot("hq").members == (late,)
     # Next look: when the shift ends.
@@ -304,13 +310,13 @@ def test_clocking_in_late_replaces_the_late_entry() -> None:
     floor = planned_floor()
     floor.tick(at(5))
     _, deltas = floor.apply(punch("e1", "in", 12), at(12))
-    assert [(d.channel, d.changes[0].state, d.changes[0].late) for d in deltas] == [
+    assert [(d.channel, d.changes[0].state, d.changes[0].late) for d in on_floors(deltas)] == [
         ("presence:hq", "in", False)
     ]
     assert [m.state for m in floor.snapshot("hq").members] == ["in"]
     # Leaving mid-shift is leaving, not being late again.
     _, deltas = floor.apply(punch("e1", "out", 200), at(200))
-    assert [(d.changes[0].state, d.changes[0].late) for d in deltas] == [("out", False)]
+    assert [(d.changes[0].state, d.changes[0].late) for d in on_floors(deltas)] == [("out", False)]
     assert floor.snapshot("hq").members == ()
 
 
@@ -318,7 +324,9 @@ def test_the_late_leave_the_floor_when_their_shift_ends() -> None:
     floor = planned_floor()
     floor.tick(at(5))
     ticked = floor.tick(SHIFT.end)
-    assert [d.changes for d in ticked.deltas] == [(Member("e1", "Ann", "out", SHIFT.end, "hq"),)]
+    assert [d.changes for d in on_floors(ticked.deltas)] == [
+        (Member("e1", "Ann", "out", SHIFT.end, "hq"),)
+    ]
     assert ticked.late == []
     assert floor.snapshot("hq").members == ()
     assert floor.next_due() is None
@@ -327,18 +335,18 @@ def test_the_late_leave_the_floor_when_their_shift_ends() -> None:
 def test_who_came_early_is_not_late_and_who_left_before_the_shift_is() -> None:
     early = planned_floor()
     early.apply(punch("e1", "in", -10), at(-10))
-    assert early.tick(at(5)).deltas == []
+    assert on_floors(early.tick(at(5)).deltas) == []
     left = planned_floor()
     left.apply(punch("e1", "in", -60), at(-60))
     left.apply(punch("e1", "out", -30), at(-30))
-    assert [m.late for m in left.tick(at(5)).deltas[0].changes] == [True]
+    assert [m.late for m in on_floors(left.tick(at(5)).deltas)[0].changes] == [True]
 
 
 def test_clocking_in_at_another_site_leaves_the_late_entry() -> None:
     floor = planned_floor()
     floor.tick(at(5))
     _, deltas = floor.apply(punch("e1", "in", 7, "plant"), at(7))
-    assert [(d.channel, d.changes[0].state, d.changes[0].late) for d in deltas] == [
+    assert [(d.channel, d.changes[0].state, d.changes[0].late) for d in on_floors(deltas)] == [
         ("presence:hq", "out", False),
         ("presence:plant", "in", False),
     ]
@@ -347,10 +355,10 @@ def test_clocking_in_at_another_site_leaves_the_late_entry() -> None:
 def test_an_offline_out_from_before_the_shift_makes_one_late_at_once() -> None:
     floor = planned_floor()
     floor.apply(punch("e1", "in", -600), at(-600))
-    assert floor.tick(at(5)).deltas == []
+    assert on_floors(floor.tick(at(5)).deltas) == []
     # Yesterday's `out`, queued on a terminal, arrives mid-shift.
     _, deltas = floor.apply(punch("e1", "out", -120), at(30))
-    assert [(d.changes[0].state, d.changes[0].late) for d in deltas] == [("out", True)]
+    assert [(d.changes[0].state, d.changes[0].late) for d in on_floors(deltas)] == [("out", True)]
 
 
 def test_the_site_grace_period_decides_and_changing_it_judges_again() -> None:
@@ -358,12 +366,14 @@ def test_the_site_grace_period_decides_and_changing_it_judges_again() -> None:
     floor.set_grace("hq", timedelta(0), at(-60))
     floor.plan("e1", "Ann", [SHIFT], at(-60))
     assert floor.next_due() == T0
-    assert len(floor.tick(T0).deltas) == 1
+    assert len(on_floors(floor.tick(T0).deltas)) == 1
     # A longer grace period, while late: no longer late until it is over.
     ticked = floor.set_grace("hq", timedelta(minutes=30), at(10))
-    assert [(m.state, m.late) for d in ticked.deltas for m in d.changes] == [("out", False)]
+    assert [(m.state, m.late) for d in on_floors(ticked.deltas) for m in d.changes] == [
+        ("out", False)
+    ]
     assert floor.next_due() == at(30)
-    assert [m.late for d in floor.tick(at(30)).deltas for m in d.changes] == [True]
+    assert [m.late for d in on_floors(floor.tick(at(30)).deltas) for m in d.changes] == [True]
     # Other sites keep the default.
     floor.plan("e2", "Bo", [Shift("plant", T0, at(60))], at(1))
     assert floor.next_due() == at(5)
@@ -373,10 +383,12 @@ def test_replanning_or_forgetting_takes_the_late_off_the_floor() -> None:
     floor = planned_floor()
     floor.tick(at(5))
     ticked = floor.plan("e1", "Ann", [Shift("hq", at(120), at(300))], at(6))
-    assert [(m.late, m.since) for d in ticked.deltas for m in d.changes] == [(False, at(6))]
+    assert [(m.late, m.since) for d in on_floors(ticked.deltas) for m in d.changes] == [
+        (False, at(6))
+    ]
     assert floor.next_due() == at(125)
     floor.tick(at(125))
-    [delta] = floor.forget("e1", "[erased]", at(130))
+    [delta] = on_floors(floor.forget("e1", "[erased]", at(130)))
     assert delta.changes == (Member("e1", "[erased]", "out", at(130), "hq"),)
     assert floor.next_due() is None
     assert floor.snapshot("hq").members == ()
@@ -385,7 +397,7 @@ def test_replanning_or_forgetting_takes_the_late_off_the_floor() -> None:
 def test_a_rename_reaches_the_late_entry() -> None:
     floor = planned_floor()
     floor.tick(at(5))
-    [delta] = floor.rename("e1", "Ann Lee")
+    [delta] = on_floors(floor.rename("e1", "Ann Lee"))
     assert delta.changes == (Member("e1", "Ann Lee", "out", T0, "hq", late=True),)
 
 
@@ -563,10 +575,17 @@ def test_late_for_names_the_shift() -> None:
     assert floor.late_for("e1") == SHIFT
 
 
-def test_nothing_is_recorded_for_a_me_channel_nobody_asked_for() -> None:
-    floor = TenantFloor(BASE)
-    _, deltas = floor.apply(punch("e1", "in", 0), at(0))
-    assert [d.channel for d in deltas] == ["presence:hq"]
+def test_me_counts_every_change_whether_or_not_anyone_asked_for_it() -> None:
+    # Hub processes that apply the same punches count the same versions, wherever the
+    # employee's phone happens to be connected.
+    asked, unasked = TenantFloor(BASE), TenantFloor(BASE)
+    asked.me_channel("e1")
+    for floor in (asked, unasked):
+        _, deltas = floor.apply(punch("e1", "in", 0), at(0))
+        assert [d.channel for d in deltas] == ["presence:hq", "me:e1"]
+        floor.apply(punch("e1", "out", 60), at(60))
+    assert asked.me_snapshot("e1") == unasked.me_snapshot("e1")
+    assert asked.me_snapshot("e1").version == BASE + 2
 
 
 # -- terminals ------------------------------------------------------------------------------
