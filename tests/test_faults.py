@@ -154,12 +154,21 @@ class Link:
 
 
 class Terminal:
-    """A punch clock: keeps every punch until acked, resends all unacked ones on reconnect."""
+    """A punch clock: keeps every punch until acked, resends all unacked ones on reconnect.
+
+    ``url`` may name several hubs (as a load balancer would spread them): a connection
+    that cannot be made is tried at the next one.
+    """
 
     def __init__(
-        self, url: str, token: str, punches: list[dict[str, Any]], window: int, tally: Tally
+        self,
+        url: str | list[str],
+        token: str,
+        punches: list[dict[str, Any]],
+        window: int,
+        tally: Tally,
     ) -> None:
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else list(url)
         self.token = token
         self.punches = punches
         self.unacked: dict[str, dict[str, Any]] = {p["id"]: p for p in punches}
@@ -195,9 +204,10 @@ class Terminal:
             assert time.monotonic() < deadline, "the hub did not come back before the deadline"
             try:
                 ws = await websockets.connect(
-                    self.url, subprotocols=[Subprotocol(JSON)], open_timeout=5, max_size=2**20
+                    self.urls[0], subprotocols=[Subprotocol(JSON)], open_timeout=5, max_size=2**20
                 )
             except (OSError, TimeoutError, websockets.WebSocketException):
+                self.urls.append(self.urls.pop(0))
                 await asyncio.sleep(random.uniform(BACKOFF_MIN_S, ceiling))
                 ceiling = min(ceiling * 2, BACKOFF_MAX_S)
                 continue
@@ -276,11 +286,24 @@ class Terminal:
 
 
 def _terminals(
-    kit: TenantKit, count: int, per_terminal: int, window: int, tally: Tally
+    kit: TenantKit,
+    count: int,
+    per_terminal: int,
+    window: int,
+    tally: Tally,
+    urls: list[str] | None = None,
 ) -> list[Terminal]:
+    """``count`` terminals of the kit's device; each starts at a hub of ``urls`` in turn."""
     base = datetime.now(UTC) - timedelta(hours=1)
+    hubs = urls or [kit.ws_url]
     return [
-        Terminal(kit.ws_url, kit.terminal_token, _punches(n, per_terminal, base), window, tally)
+        Terminal(
+            hubs[n % len(hubs) :] + hubs[: n % len(hubs)],
+            kit.terminal_token,
+            _punches(n, per_terminal, base),
+            window,
+            tally,
+        )
         for n in range(count)
     ]
 

@@ -15,13 +15,21 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from hub.redis_keys import WORKER_GROUP, RedisKeys
 from tests.conftest import TEST_SECRET
-from tests.support import HubProcess, TenantKit, free_port, punch_frame, stop_process
+from tests.support import (
+    Client,
+    HubProcess,
+    TenantKit,
+    free_port,
+    punch_frame,
+    stop_process,
+)
 from tests.test_faults import Tally, _account, _start, _terminals, _until
 from tests.test_presence_live import subscribe, watcher
 
@@ -308,39 +316,124 @@ async def test_postgres_restarting_mid_stream_loses_and_doubles_nothing(
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def test_what_happens_on_one_hub_reaches_the_floors_of_another(
+async def test_what_happens_on_one_hub_reaches_the_floors_of_another_as_the_same_versions(
     cluster: Cluster, kit: TenantKit, database: str
 ) -> None:
     cluster.worker("w1")
+    # Started after the first hub has moved its floors: it takes them over, versions and all.
+    early = await kit.connect()
+    assert (await early.punch(punch_frame("e2")))["status"] == "accepted"
     other = cluster.hub()
     elsewhere = TenantKit(other.base_url, database, TEST_SECRET, kit.slug)
     elsewhere.terminal_token = kit.terminal_token
     try:
-        supervisor = elsewhere.token("supervisor", "lead", sites=["hq"])
-        watching = await elsewhere.connect(supervisor)
-        await subscribe(watching, "presence:hq")
-        await watching.recv()
-        await subscribe(watching, "terminals:hq")
-        [door] = (await watching.recv())["members"]
-        assert door["online"] is False
-        # The door connects to the first hub: the second hub's board shows it online.
+        here, there = await watcher(kit), await watcher(elsewhere)
+        versions: dict[str, int] = {}
+        for channel in ("presence:hq", "terminals:hq"):
+            on_first, on_second = await subscribe(here, channel), await subscribe(there, channel)
+            assert on_first["version"] == on_second["version"], channel
+            versions[channel] = on_first["version"]
+            assert (await here.recv())["members"] == (await there.recv())["members"]
+
+        async def next_delta(channel: str) -> dict[str, Any]:
+            """The next delta of ``channel`` on both hubs: the same, one version on."""
+            first, second = await here.recv(), await there.recv()
+            assert first == second
+            assert (first["channel"], first["version"]) == (channel, versions[channel] + 1)
+            versions[channel] += 1
+            return first
+
+        # The door connects again, to the first hub: online on both, as one version.
+        await early.close()
+        assert (await next_delta("terminals:hq"))["changes"][0]["online"] is False
         terminal = await kit.connect()
-        online = await watching.recv()
-        assert (online["channel"], online["changes"][0]["online"]) == ("terminals:hq", True)
-        # A punch there, committed by the worker: a delta here.
+        assert (await next_delta("terminals:hq"))["changes"][0]["online"] is True
+        # A punch there, committed by the worker: the next version on both hubs.
         assert (await terminal.punch(punch_frame("e1")))["status"] == "accepted"
-        moved = await watching.recv()
-        assert (moved["channel"], moved["changes"][0]["state"]) == ("presence:hq", "in")
-        # A rename through the first hub's REST API: the name changes here too.
+        moved = await next_delta("presence:hq")
+        assert moved["changes"][0]["state"] == "in"
+        # A rename through the first hub's REST API.
         response = await kit.http.put(
             "/v1/employees/e1", json={"name": "Ann Lee", "site": "hq", "badge": "b1"}
         )
         assert response.status_code == 200, response.text
-        renamed = await watching.recv()
-        assert renamed["changes"][0]["name"] == "Ann Lee"
+        assert (await next_delta("presence:hq"))["changes"][0]["name"] == "Ann Lee"
         await terminal.close()
-        offline = await watching.recv()
-        assert (offline["channel"], offline["changes"][0]["online"]) == ("terminals:hq", False)
+        assert (await next_delta("terminals:hq"))["changes"][0]["online"] is False
+        # A supervisor who followed the first hub catches up on the second from its version.
+        await here.close()
+        late = await watcher(elsewhere)
+        recovered = await subscribe(late, "presence:hq", since=versions["presence:hq"] - 2)
+        assert (recovered["recovered"], recovered["version"]) == (True, versions["presence:hq"])
+        caught_up = [await late.recv(), await late.recv()]
+        assert [d["version"] for d in caught_up] == [
+            versions["presence:hq"] - 1,
+            versions["presence:hq"],
+        ]
+        await late.close()
+        await there.close()
+    finally:
+        await elsewhere.close()
+
+
+async def _board_change(watching: Client, device: str) -> dict[str, Any]:
+    """The next change of ``device`` on the `terminals:` channel ``watching`` follows."""
+    while True:
+        frame = await watching.recv()
+        for change in frame.get("changes", []):
+            if change["device"] == device:
+                return dict(change)
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_a_hub_its_terminals_resend_to_the_other_and_its_devices_go_offline(
+    cluster: Cluster, kit: TenantKit, database: str
+) -> None:
+    cluster.worker("w1")
+    victim = cluster.hubs[0]
+    survivor = cluster.hub()
+    elsewhere = TenantKit(survivor.base_url, database, TEST_SECRET, kit.slug)
+    try:
+        # A second device on the doomed hub, which will not reconnect.
+        response = await kit.http.put("/v1/devices/gate", json={"site": "hq", "name": "Gate"})
+        assert response.status_code == 201, response.text
+        watching = await watcher(elsewhere)
+        await subscribe(watching, "terminals:hq")
+        await watching.recv()
+        gate = await kit.connect(response.json()["token"])
+        assert (await _board_change(watching, "gate"))["online"] is True
+
+        total = 10 * 100
+        killed = asyncio.Event()
+        killed_at: list[float] = []
+
+        def kill_mid_stream(acked: int) -> None:
+            if acked >= total // 3 and not killed.is_set():
+                assert victim.popen is not None
+                victim.popen.kill()
+                killed_at.append(time.monotonic())
+                killed.set()
+
+        tally = Tally(on_ack=kill_mid_stream)
+        # Half the terminals start on each hub, and move to the other when theirs is gone.
+        urls = [kit.ws_url, elsewhere.ws_url]
+        terminals = _terminals(kit, count=10, per_terminal=100, window=8, tally=tally, urls=urls)
+        stream = _start(terminals)
+        await _until(stream, killed)
+        # Nobody closed the gate's socket: the survivor notices the dead hub's key expire.
+        offline = await asyncio.wait_for(_board_change(watching, "gate"), 15)
+        noticed_after = time.monotonic() - killed_at[0]
+        assert offline["online"] is False
+        assert noticed_after < 10, noticed_after
+        await asyncio.wait_for(stream, 60)
+        numbers = await _account(kit, terminals, tally)
+        assert tally.resent > 0, numbers
+        assert "stopped refreshing its key" in survivor.log()
+        print(
+            f"\nhub SIGKILLed after {total // 3} acks, its gate offline after "
+            f"{noticed_after:.1f} s: {numbers}"
+        )
+        await gate.ws.close()
         await watching.close()
     finally:
         await elsewhere.close()
