@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -434,6 +435,40 @@ async def test_sigkill_a_hub_its_terminals_resend_to_the_other_and_its_devices_g
             f"{noticed_after:.1f} s: {numbers}"
         )
         await gate.ws.close()
+        await watching.close()
+    finally:
+        await elsewhere.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_hub_taken_for_dead_during_a_long_pause_puts_its_terminals_back_online(
+    cluster: Cluster, kit: TenantKit, database: str
+) -> None:
+    cluster.worker("w1")
+    paused = cluster.hubs[0]
+    assert paused.popen is not None
+    other = cluster.hub()
+    elsewhere = TenantKit(other.base_url, database, TEST_SECRET, kit.slug)
+    try:
+        watching = await watcher(elsewhere)
+        await subscribe(watching, "terminals:hq")
+        await watching.recv()
+        door = await kit.connect()
+        assert (await _board_change(watching, "door"))["online"] is True
+        # Frozen for longer than its key lives: the other hub takes it for dead.
+        os.kill(paused.popen.pid, signal.SIGSTOP)
+        try:
+            gone = await asyncio.wait_for(_board_change(watching, "door"), 15)
+        finally:
+            os.kill(paused.popen.pid, signal.SIGCONT)
+        assert gone["online"] is False
+        # Awake again, it hears it was taken for dead and says where its terminals are.
+        back = await asyncio.wait_for(_board_change(watching, "door"), 15)
+        assert back["online"] is True
+        assert (await door.punch(punch_frame("e1")))["status"] == "accepted"
+        # Its sockets count as before: closing the door's takes it offline.
+        await door.close()
+        assert (await _board_change(watching, "door"))["online"] is False
         await watching.close()
     finally:
         await elsewhere.close()
