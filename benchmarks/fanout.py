@@ -1,7 +1,11 @@
 """Presence fan-out: one punch every ``--interval-ms`` into a site watched by many dashboards.
 
-Starts the hub on the embedded default's code path (one process, in-process fan-out)
-against a fresh database on the machine's PostgreSQL, opens ``--dashboards`` sockets
+Each setup of ``--setups`` in turn, in the same run, on a fresh database of the machine's
+PostgreSQL: ``single`` is the embedded default's code path (one process, in-process
+fan-out); ``redis`` is two ``serve --no-workers`` hubs and ``--workers`` worker processes on
+the machine's Redis, with the dashboards spread over both hubs and the terminals on the
+first, so every delta travels through the workers and the presence stream. Opens
+``--dashboards`` sockets
 subscribed to ``presence:hq`` (spread over ``--processes`` listener processes that read
 raw frames, so that the listeners cost the shared machine little), and has one terminal
 punch employees in and out at a steady pace. Every punch changes the floor, so every
@@ -11,6 +15,7 @@ reaching the terminal, to the delta reaching the dashboard. The hub queues a com
 deltas before its acks, so the second is often negative.
 
     .venv/bin/python benchmarks/fanout.py
+    .venv/bin/python benchmarks/fanout.py --setups redis --interval-ms 100
 """
 
 from __future__ import annotations
@@ -18,17 +23,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import flood
 import numpy as np
+import redis
 import run as bench
+import scaleout
 import websockets
 
 
@@ -166,6 +175,79 @@ def percentiles(values: np.ndarray) -> str:
     return f"p50 {p50:7.2f}  p99 {p99:7.2f}  p99.9 {p999:7.2f}  max {values.max():7.2f} ms"
 
 
+def run_setup(
+    setup: str, args: argparse.Namespace, logs: Path
+) -> tuple[dict[str, tuple[float, float]], list[tuple[str, float]]]:
+    """One setup's punches (since -> sent, acked) and what the dashboards saw (since, when)."""
+    with bench.fresh_database(args.pg, keep=False) as dsn, ExitStack() as stack:
+        # Every dashboard comes from 127.0.0.1.
+        settings = {"ATTENDANCE_CONNECT_RATE_PER_IP": "0", "ATTENDANCE_REST_RATE_PER_IP": "0"}
+        prefix = f"bench-fanout-{secrets.token_hex(4)}"
+        argv = [sys.executable, "-m", "hub.cli", "serve"]
+        if setup == "redis":
+            settings |= {"ATTENDANCE_REDIS_URL": args.redis, "ATTENDANCE_REDIS_PREFIX": prefix}
+            argv.append("--no-workers")
+        ports = [bench.free_port() for _ in range(2 if setup == "redis" else 1)]
+        envs = [bench.hub_env(dsn, port, settings) for port in ports]
+        for env in envs[1:]:
+            env["ATTENDANCE_SECRET"] = envs[0]["ATTENDANCE_SECRET"]
+        admin = bench.create_tenant(envs[0])
+        servers = [
+            stack.enter_context(bench.serving(f"{setup}-hub{n}", argv, env, port, "/readyz", logs))
+            for n, (env, port) in enumerate(zip(envs, ports, strict=True))
+        ]
+        if setup == "redis":
+            for n in range(args.workers):
+                stack.enter_context(scaleout.worker(f"{setup}-worker{n}", envs[0], logs))
+        terminals = asyncio.run(
+            bench.provision_hub(
+                f"http://127.0.0.1:{ports[0]}", admin, args.employees, args.terminals
+            )
+        )
+        children: list[subprocess.Popen[bytes]] = []
+        outs: list[Path] = []
+        readies: list[Path] = []
+        stop = logs / f"{setup}-stop"
+        share = args.dashboards // args.processes
+        for n in range(args.processes):
+            count = share + (1 if n < args.dashboards % args.processes else 0)
+            ready, out = logs / f"{setup}-ready-{n}", logs / f"{setup}-seen-{n}.json"
+            # The dashboards spread over the hubs; the terminals all punch at the first.
+            url = servers[n % len(servers)].url
+            command = [sys.executable, __file__, "--child", url, admin, str(count)]
+            children.append(subprocess.Popen([*command, str(ready), str(stop), str(out)]))
+            outs.append(out)
+            readies.append(ready)
+        try:
+            while not all(ready.exists() for ready in readies):
+                if any(child.poll() is not None for child in children):
+                    raise RuntimeError("a listener exited early")
+                time.sleep(0.2)
+            timings = asyncio.run(
+                punch_steadily(
+                    servers[0].url,
+                    terminals,
+                    args.interval_ms / 1000,
+                    args.duration,
+                    args.employees,
+                )
+            )
+            stop.write_text("")
+            for child in children:
+                child.wait(60)
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+            if setup == "redis":
+                client = redis.Redis.from_url(args.redis)
+                for key in client.scan_iter(match=f"{prefix}:*"):
+                    client.delete(key)
+                client.close()
+    seen = [(since, at) for out in outs for since, at in json.loads(out.read_text())]
+    return timings, seen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dashboards", type=int, default=1000)
@@ -174,7 +256,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--employees", type=int, default=50)
     parser.add_argument("--terminals", type=int, default=4)
+    parser.add_argument(
+        "--setups", default="single,redis", help="single (one process), redis (two hubs)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (redis)")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -182,73 +269,25 @@ def main() -> None:
         listener(url, token, int(count), Path(ready), Path(stop), Path(out))
         return
     logs = Path(tempfile.mkdtemp(prefix="attendance-fanout-"))
-    with bench.fresh_database(args.pg, keep=False) as dsn:
-        port = bench.free_port()
-        env = bench.hub_env(
-            dsn,
-            port,
-            {
-                # Every dashboard comes from 127.0.0.1.
-                "ATTENDANCE_CONNECT_RATE_PER_IP": "0",
-                "ATTENDANCE_REST_RATE_PER_IP": "0",
-            },
+    for setup in args.setups.split(","):
+        timings, seen = run_setup(setup, args, logs)
+        ack = np.array([(acked - sent) * 1000 for sent, acked in timings.values()])
+        delivery = np.array(
+            [(at - timings[since][1]) * 1000 for since, at in seen if since in timings]
         )
-        admin = bench.create_tenant(env)
-        argv = [sys.executable, "-m", "hub.cli", "serve"]
-        with bench.serving("hub", argv, env, port, "/readyz", logs) as server:
-            terminals = asyncio.run(
-                bench.provision_hub(
-                    f"http://127.0.0.1:{port}", admin, args.employees, args.terminals
-                )
-            )
-            children: list[subprocess.Popen[bytes]] = []
-            outs: list[Path] = []
-            readies: list[Path] = []
-            stop = logs / "stop"
-            share = args.dashboards // args.processes
-            for n in range(args.processes):
-                count = share + (1 if n < args.dashboards % args.processes else 0)
-                ready, out = logs / f"ready-{n}", logs / f"seen-{n}.json"
-                argv = [sys.executable, __file__, "--child", server.url, admin, str(count)]
-                children.append(subprocess.Popen([*argv, str(ready), str(stop), str(out)]))
-                outs.append(out)
-                readies.append(ready)
-            try:
-                while not all(ready.exists() for ready in readies):
-                    if any(child.poll() is not None for child in children):
-                        raise RuntimeError("a listener exited early")
-                    time.sleep(0.2)
-                timings = asyncio.run(
-                    punch_steadily(
-                        server.url,
-                        terminals,
-                        args.interval_ms / 1000,
-                        args.duration,
-                        args.employees,
-                    )
-                )
-                stop.write_text("")
-                for child in children:
-                    child.wait(60)
-            finally:
-                for child in children:
-                    if child.poll() is None:
-                        child.kill()
-    seen = [item for out in outs for item in json.loads(out.read_text())]
-    ack = np.array([(acked - sent) * 1000 for sent, acked in timings.values()])
-    delivery = np.array([(at - timings[since][1]) * 1000 for since, at in seen if since in timings])
-    from_send = np.array(
-        [(at - timings[since][0]) * 1000 for since, at in seen if since in timings]
-    )
-    expected = len(timings) * args.dashboards
-    print(
-        f"\n{args.dashboards} dashboards on presence:hq, one punch every {args.interval_ms:g} ms "
-        f"for {args.duration:g} s ({len(timings)} punches acked)"
-    )
-    print(f"  terminal ack, send -> ack:           {percentiles(ack)}")
-    print(f"  delivery, send -> each dashboard:    {percentiles(from_send)}")
-    print(f"  delivery, ack -> each dashboard:     {percentiles(delivery)}")
-    print(f"  deltas received {len(delivery):,} of {expected:,} expected")
+        from_send = np.array(
+            [(at - timings[since][0]) * 1000 for since, at in seen if since in timings]
+        )
+        expected = len(timings) * args.dashboards
+        hubs = "two hubs on Redis" if setup == "redis" else "one process"
+        print(
+            f"\n{setup}: {hubs}, {args.dashboards} dashboards on presence:hq, one punch every "
+            f"{args.interval_ms:g} ms for {args.duration:g} s ({len(timings)} punches acked)"
+        )
+        print(f"  terminal ack, send -> ack:           {percentiles(ack)}")
+        print(f"  delivery, send -> each dashboard:    {percentiles(from_send)}")
+        print(f"  delivery, ack -> each dashboard:     {percentiles(delivery)}")
+        print(f"  deltas received {len(delivery):,} of {expected:,} expected")
 
 
 if __name__ == "__main__":

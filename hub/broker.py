@@ -269,13 +269,16 @@ class RedisBroker:
                     last: Any = await self._redis.xrevrange(self._keys.presence, count=1)
                     self._read_from = last[0][0].decode() if last else "0-0"
                     await floors.rebuild()
-                    await self._save_checkpoint(floors)
+                    # Unless a running hub wrote one meanwhile (after Redis lost its data):
+                    # then that one is taken over like any other.
+                    if await self._save_checkpoint(floors, only_if_none=True):
+                        return
                 finally:
                     if await self._redis.get(lock) == self.hub.encode():
                         await self._redis.delete(lock)
-                return
-            # Another hub is building the first checkpoint.
-            await asyncio.sleep(0.1)
+            else:
+                # Another hub is building the first checkpoint.
+                await asyncio.sleep(0.1)
 
     async def _stream_holds_after(self, entry: str) -> bool:
         """Whether the presence stream still holds every entry after ``entry``."""
@@ -291,10 +294,13 @@ class RedisBroker:
         first = info["first-entry"]
         return first is not None and _entry_id(first[0]) <= _entry_id(entry)
 
-    async def _save_checkpoint(self, floors: Floors) -> None:
-        # Taken in one step: the floors as they are after the entry read last.
+    async def _save_checkpoint(self, floors: Floors, *, only_if_none: bool = False) -> bool:
+        """Write the floors as they are after the entry read last; whether it was written."""
         checkpoint = _Checkpoint(self._read_from, floors.dump())
-        await self._redis.set(self._keys.checkpoint, ENCODER.encode(checkpoint))
+        written = await self._redis.set(
+            self._keys.checkpoint, ENCODER.encode(checkpoint), nx=only_if_none
+        )
+        return bool(written)
 
     async def _checkpoints(self, floors: Floors) -> None:
         """Write a checkpoint now and then, while this hub holds the writer's lease."""
@@ -314,7 +320,8 @@ class RedisBroker:
                 log.warning("could not write the presence checkpoint: %s", exc)
 
     async def _liveness(self, floors: Floors) -> None:
-        """Keep this hub's liveness key; declare gone the hubs whose keys expired.
+        """Keep this hub's liveness key (and a checkpoint, if Redis lost it); declare gone the
+        hubs whose keys expired.
 
         Only a hub that has kept its own key for a whole TTL judges others: after Redis
         comes back empty, every live hub has set its key again by then.
@@ -323,7 +330,13 @@ class RedisBroker:
         kept_since: float | None = None
         while not self._closing:
             try:
-                await self._redis.set(mine, b"1", px=int(HUB_TTL_S * 1000))
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.set(mine, b"1", px=int(HUB_TTL_S * 1000))
+                pipe.exists(self._keys.checkpoint)
+                _, checkpointed = await pipe.execute()
+                if not checkpointed:
+                    # Redis lost its data: a hub starting now must find these floors.
+                    await self._save_checkpoint(floors, only_if_none=True)
                 kept_since = kept_since or time.monotonic()
                 if time.monotonic() - kept_since >= HUB_TTL_S:
                     await self._find_gone(floors)

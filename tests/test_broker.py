@@ -419,6 +419,18 @@ async def test_every_hub_applies_every_event_in_one_order(
 # -- Shared floors: checkpoints and hub liveness (Redis only) ---------------------------------
 
 
+@pytest.fixture
+async def redis_client(redis_server: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(redis_prefix: str) -> RedisKeys:
+    return RedisKeys(redis_prefix)
+
+
 class CountingFloors(LiveFloors):
     """A hub's real floors, counting how often they were built from PostgreSQL."""
 
@@ -539,23 +551,22 @@ async def test_hubs_that_start_together_build_the_floors_once(
 
 
 async def test_a_checkpoint_the_stream_has_moved_past_is_built_again(
-    live_hubs: Callable[[], LiveHub], redis_rig: Rig, tenant: str
+    live_hubs: Callable[[], LiveHub], redis_client: aioredis.Redis, keys: RedisKeys, tenant: str
 ) -> None:
-    assert redis_rig.redis is not None and redis_rig.keys is not None
     first = live_hubs()
     await first.broker.start(first.floors)
-    stale = await redis_rig.redis.get(redis_rig.keys.checkpoint)
+    stale = await redis_client.get(keys.checkpoint)
     for event in moves(tenant, 0):
         first.broker.publish(event)
     await applied(first, 3)
     await first.broker.stop()
     # The entries after the checkpoint are trimmed away: it cannot be caught up from.
-    await redis_rig.redis.xtrim(redis_rig.keys.presence, maxlen=1, approximate=False)
-    await redis_rig.redis.set(redis_rig.keys.checkpoint, stale)
+    await redis_client.xtrim(keys.presence, maxlen=1, approximate=False)
+    await redis_client.set(keys.checkpoint, stale)
     second = live_hubs()
     await second.broker.start(second.floors)
     assert second.floors.rebuilt == 1
-    assert await redis_rig.redis.get(redis_rig.keys.checkpoint) != stale
+    assert await redis_client.get(keys.checkpoint) != stale
 
 
 async def test_a_hub_that_stops_refreshing_its_key_has_its_terminals_taken_offline(
@@ -599,3 +610,28 @@ async def test_a_hub_that_stops_refreshing_its_key_has_its_terminals_taken_offli
         "d1": True,
         "d2": False,
     }
+
+
+async def test_a_running_hub_writes_the_checkpoint_again_when_redis_lost_it(
+    live_hubs: Callable[[], LiveHub],
+    redis_client: aioredis.Redis,
+    keys: RedisKeys,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub.broker, "HUB_REFRESH_S", 0.05)
+    first = live_hubs()
+    await first.broker.start(first.floors)
+    for event in moves(tenant, 0):
+        first.broker.publish(event)
+    await applied(first, 3)
+    # As if Redis came back empty (the stream too: new entries follow on anyway).
+    await redis_client.delete(keys.checkpoint, keys.presence)
+    for _ in range(200):
+        if await redis_client.exists(keys.checkpoint):
+            break
+        await asyncio.sleep(0.01)
+    second = live_hubs()
+    await second.broker.start(second.floors)
+    assert second.floors.rebuilt == 0
+    assert second.versions(tenant) == first.versions(tenant)
