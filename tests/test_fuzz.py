@@ -50,7 +50,8 @@ from tests.support import (
     running_hub,
 )
 
-pytestmark = pytest.mark.postgres
+# The hub under test, not the database, is what these exercise: one server is enough.
+pytestmark = [pytest.mark.postgres, pytest.mark.one_server]
 
 MIN_CASES = 10_000
 # One socket per example, with no more malformed frames than the hub tolerates in 10 s.

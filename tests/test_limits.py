@@ -15,7 +15,8 @@ import websockets
 from tests.conftest import TEST_SECRET
 from tests.support import HubProcess, TenantKit, provisioned_tenant, punch_frame, running_hub
 
-pytestmark = pytest.mark.postgres
+# The hub under test, not the database, is what these exercise: one server is enough.
+pytestmark = [pytest.mark.postgres, pytest.mark.one_server]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ from tests.support import (
 from tests.test_faults import Tally, _account, _start, _terminals, _until
 from tests.test_presence_live import subscribe, watcher
 
-pytestmark = pytest.mark.postgres
+# Several processes against one database: which server it is on tells nothing more.
+pytestmark = [pytest.mark.postgres, pytest.mark.one_server]
 
 
 @dataclass
