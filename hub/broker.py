@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from hub.config import Settings
 from hub.events import HubGone, PresenceEvent, PunchesCommitted
@@ -271,7 +271,7 @@ class RedisBroker:
                     await floors.rebuild()
                     # Unless a running hub wrote one meanwhile (after Redis lost its data):
                     # then that one is taken over like any other.
-                    if await self._save_checkpoint(floors, only_if_none=True):
+                    if await self._replace_checkpoint(floors, replacing=held):
                         return
                 finally:
                     if await self._redis.get(lock) == self.hub.encode():
@@ -294,13 +294,27 @@ class RedisBroker:
         first = info["first-entry"]
         return first is not None and _entry_id(first[0]) <= _entry_id(entry)
 
-    async def _save_checkpoint(self, floors: Floors, *, only_if_none: bool = False) -> bool:
-        """Write the floors as they are after the entry read last; whether it was written."""
+    async def _save_checkpoint(self, floors: Floors) -> None:
+        """Write the floors as they are after the entry read last."""
         checkpoint = _Checkpoint(self._read_from, floors.dump())
-        written = await self._redis.set(
-            self._keys.checkpoint, ENCODER.encode(checkpoint), nx=only_if_none
-        )
-        return bool(written)
+        await self._redis.set(self._keys.checkpoint, ENCODER.encode(checkpoint))
+
+    async def _replace_checkpoint(self, floors: Floors, *, replacing: bytes | None) -> bool:
+        """Write the floors as they are after the entry read last, if the checkpoint is still
+        ``replacing`` (None: there is none); whether it was written."""
+        key = self._keys.checkpoint
+        checkpoint = ENCODER.encode(_Checkpoint(self._read_from, floors.dump()))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                if await pipe.get(key) != replacing:
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(key, checkpoint)
+                await pipe.execute()
+            except WatchError:
+                return False
+        return True
 
     async def _checkpoints(self, floors: Floors) -> None:
         """Write a checkpoint now and then, while this hub holds the writer's lease."""
@@ -336,7 +350,7 @@ class RedisBroker:
                 _, checkpointed = await pipe.execute()
                 if not checkpointed:
                     # Redis lost its data: a hub starting now must find these floors.
-                    await self._save_checkpoint(floors, only_if_none=True)
+                    await self._replace_checkpoint(floors, replacing=None)
                 kept_since = kept_since or time.monotonic()
                 if time.monotonic() - kept_since >= HUB_TTL_S:
                     await self._find_gone(floors)
