@@ -9,8 +9,10 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -27,7 +29,7 @@ from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
-from hub.events import HubGone, PresenceEvent
+from hub.events import HubGone, HubSockets, PresenceEvent
 from hub.limits import (
     AddressLimiter,
     FloodMemory,
@@ -177,15 +179,21 @@ class Hub:
         """Apply a presence event here; keep the flags it finds on the punches."""
         flags = self.live.apply(event)
         if isinstance(event, HubGone) and event.hub == self.run_id:
-            # Taken for dead (a long pause, Redis away): the terminals still here say so again.
-            for connection in self.connections:
-                announced = connection.announcement()
-                if announced is not None:
-                    self.presence(announced)
+            # Taken for dead (a long pause, say): tell the boards which sockets are still here.
+            self.presence(self._sockets_held())
         if flags:
             task = asyncio.create_task(self._store_flags(flags))
             self._flagging.add(task)
             task.add_done_callback(self._flagging.discard)
+
+    def _sockets_held(self) -> HubSockets:
+        held = Counter(
+            (announced.tenant, announced.device, announced.site)
+            for connection in self.connections
+            if (announced := connection.announcement()) is not None
+        )
+        sockets = [(tenant, device, site, n) for (tenant, device, site), n in held.items()]
+        return HubSockets(self.run_id, sorted(sockets), datetime.now(UTC))
 
     async def _store_flags(self, flags: list[Flag]) -> None:
         try:

@@ -71,6 +71,8 @@ CHECKPOINT_LOCK_MS: Final = 120_000
 # How often one hub (whichever holds the lease) writes the floors to Redis for hubs that
 # start later. At most this long of the presence stream is replayed on a hub's start.
 CHECKPOINT_INTERVAL_S: Final = 10.0
+# How long a starting hub waits for running hubs to write a usable checkpoint, if any run.
+CHECKPOINT_WAIT_S: Final = 2.5 * CHECKPOINT_INTERVAL_S
 # How long a hub's liveness key outlives its last refresh, and how often it is refreshed.
 # A hub that stopped refreshing is declared gone within TTL + period: its terminals go
 # offline on every board well within 10 s.
@@ -248,19 +250,21 @@ class RedisBroker:
         Every hub applies the same presence events in the same order to the same
         checkpoint, so every channel has one version sequence across all hubs.
         """
+        waiting_since = time.monotonic()
         while True:
             held: Any = await self._redis.get(self._keys.checkpoint)
             if held is not None:
-                checkpoint = CHECKPOINT_DECODER.decode(held)
-                if await self._stream_holds_after(checkpoint.stream):
+                checkpoint = await self._usable(held)
+                if checkpoint is not None:
                     floors.restore(checkpoint.state)
                     self._read_from = checkpoint.stream
                     log.info("presence taken over from the checkpoint at %s", checkpoint.stream)
                     return
-                log.warning(
-                    "the presence checkpoint at %s is older than the stream: rebuilding",
-                    checkpoint.stream,
-                )
+            if time.monotonic() - waiting_since < CHECKPOINT_WAIT_S and await self._others_alive():
+                # Running hubs write a usable one soon (within a second if Redis lost it):
+                # building another would start a second version sequence beside theirs.
+                await asyncio.sleep(0.2)
+                continue
             lock = self._keys.checkpoint_lock
             if await self._redis.set(lock, self.hub, nx=True, px=CHECKPOINT_LOCK_MS):
                 try:
@@ -279,6 +283,23 @@ class RedisBroker:
             else:
                 # Another hub is building the first checkpoint.
                 await asyncio.sleep(0.1)
+
+    async def _usable(self, held: bytes) -> _Checkpoint | None:
+        """The checkpoint, if it can be caught up from: readable, and not trimmed past."""
+        try:
+            checkpoint = CHECKPOINT_DECODER.decode(held)
+        except msgspec.DecodeError as exc:
+            log.warning("the presence checkpoint cannot be read (%s)", exc)
+            return None
+        if not await self._stream_holds_after(checkpoint.stream):
+            log.warning("the presence checkpoint at %s is older than the stream", checkpoint.stream)
+            return None
+        return checkpoint
+
+    async def _others_alive(self) -> bool:
+        async for _ in self._redis.scan_iter(match=self._keys.hubs_pattern, count=1000):
+            return True
+        return False
 
     async def _stream_holds_after(self, entry: str) -> bool:
         """Whether the presence stream still holds every entry after ``entry``."""
@@ -345,13 +366,15 @@ class RedisBroker:
         while not self._closing:
             try:
                 pipe = self._redis.pipeline(transaction=False)
-                pipe.set(mine, b"1", px=int(HUB_TTL_S * 1000))
+                pipe.set(mine, b"1", px=int(HUB_TTL_S * 1000), get=True)
                 pipe.exists(self._keys.checkpoint)
-                _, checkpointed = await pipe.execute()
+                kept, checkpointed = await pipe.execute()
                 if not checkpointed:
                     # Redis lost its data: a hub starting now must find these floors.
                     await self._replace_checkpoint(floors, replacing=None)
-                kept_since = kept_since or time.monotonic()
+                if kept is None or kept_since is None:
+                    # Just set, or set again after Redis lost it: others may not have yet.
+                    kept_since = time.monotonic()
                 if time.monotonic() - kept_since >= HUB_TTL_S:
                     await self._find_gone(floors)
             except (RedisError, OSError) as exc:

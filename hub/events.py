@@ -108,6 +108,15 @@ class HubGone(_Event, tag="hub_gone"):
     now: datetime
 
 
+class HubSockets(_Event, tag="hub_sockets"):
+    """Every terminal socket hub process ``hub`` holds, as (tenant, device, site, count): what
+    the boards count for that hub from now on (sent by a hub that was taken for dead)."""
+
+    hub: str
+    sockets: list[tuple[str, str, str, int]]
+    now: datetime
+
+
 PresenceEvent = (
     PunchesCommitted
     | EmployeeRenamed
@@ -120,4 +129,5 @@ PresenceEvent = (
     | TerminalConnected
     | TerminalDisconnected
     | HubGone
+    | HubSockets
 )

@@ -33,6 +33,7 @@ from hub.events import (
     EmployeeRenamed,
     GraceSet,
     HubGone,
+    HubSockets,
     PresenceEvent,
     PunchesCommitted,
     ShiftsPlanned,
@@ -184,7 +185,14 @@ class Live:
                 self._send_all(tenant, self.board(tenant).disconnected(device, hub, now))
             case HubGone(hub=hub, now=now):
                 for tenant, board in list(self._boards.items()):
-                    self._send_all(tenant, board.hub_gone(hub, now))
+                    self._send_all(tenant, board.hub_holds(hub, {}, now))
+            case HubSockets(hub=hub, sockets=sockets, now=now):
+                held: dict[str, dict[str, tuple[str, int]]] = {}
+                for tenant, device, site, count in sockets:
+                    held.setdefault(tenant, {})[device] = (site, count)
+                for tenant in sorted({*self._boards, *held}):
+                    board = self.board(tenant)
+                    self._send_all(tenant, board.hub_holds(hub, held.get(tenant, {}), now))
         return []
 
     def dump(self) -> bytes:

@@ -620,11 +620,25 @@ class TerminalBoard:
         held.since = now
         return [self._record(device, held)]
 
-    def hub_gone(self, hub: str, now: datetime) -> list[Delta]:
-        """Hub process ``hub`` died: its sockets are gone, and devices with no other go offline."""
+    def hub_holds(
+        self, hub: str, sockets: dict[str, tuple[str, int]], now: datetime
+    ) -> list[Delta]:
+        """Hub process ``hub`` holds exactly ``sockets`` (device -> site, open sockets) of these
+        devices, and none of the others: an empty dict when it died."""
         deltas = []
-        for device, held in sorted(self._devices.items()):
-            if held.sockets.pop(hub, None) is not None and not held.sockets:
+        for device in sorted({*self._devices, *sockets}):
+            site, count = sockets.get(device, ("", 0))
+            held = self._devices.get(device)
+            if held is None:
+                if not count:
+                    continue
+                held = self._devices[device] = _Device(site, device, now)
+            was_online = bool(held.sockets)
+            if count:
+                held.sockets[hub] = count
+            else:
+                held.sockets.pop(hub, None)
+            if bool(held.sockets) != was_online:
                 held.since = now
                 deltas.append(self._record(device, held))
         return deltas

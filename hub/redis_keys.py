@@ -25,12 +25,16 @@ class RedisKeys:
         # Presence events (committed punches, renames, terminals, clock ticks...), applied
         # by every hub in this stream's order.
         self.presence = f"{prefix}:presence"
-        # The floors as of a presence stream entry, for hubs that start later.
-        self.checkpoint = f"{prefix}:presence:checkpoint"
+        # The floors as of a presence stream entry, for hubs that start later. The suffix
+        # names the format: a release that changes it starts from PostgreSQL again.
+        self.checkpoint = f"{prefix}:presence:checkpoint:v1"
         # Held by the hub that builds the first checkpoint from PostgreSQL.
         self.checkpoint_lock = f"{prefix}:presence:checkpoint:lock"
         # Held by the hub that writes the checkpoints for a while.
         self.checkpoint_writer = f"{prefix}:presence:checkpoint:writer"
+
+        # Every hub's liveness key (``hub``).
+        self.hubs_pattern = f"{prefix}:hubs:*"
 
     def hub(self, hub: str) -> str:
         """Exists while hub process ``hub`` (its run id) is alive: it refreshes the expiry."""

@@ -635,3 +635,62 @@ async def test_a_running_hub_writes_the_checkpoint_again_when_redis_lost_it(
     await second.broker.start(second.floors)
     assert second.floors.rebuilt == 0
     assert second.versions(tenant) == first.versions(tenant)
+
+
+async def test_a_hub_that_finds_a_stale_checkpoint_waits_for_the_running_hubs_fresh_one(
+    live_hubs: Callable[[], LiveHub],
+    redis_client: aioredis.Redis,
+    keys: RedisKeys,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub.broker, "CHECKPOINT_INTERVAL_S", 0.5)
+    running = live_hubs()
+    await running.broker.start(running.floors)
+    stale = await redis_client.get(keys.checkpoint)
+    for event in moves(tenant, 0):
+        running.broker.publish(event)
+    await applied(running, 3)
+    # The running hub's checkpoint is replaced by a stale one, whose entries are trimmed.
+    await redis_client.xtrim(keys.presence, maxlen=1, approximate=False)
+    await redis_client.set(keys.checkpoint, stale)
+    starting = live_hubs()
+    await starting.broker.start(starting.floors)
+    # Not a second sequence built from PostgreSQL: the running hub's, taken over.
+    assert starting.floors.rebuilt == 0
+    assert starting.versions(tenant) == running.versions(tenant)
+
+
+async def test_an_unreadable_checkpoint_is_built_again(
+    live_hubs: Callable[[], LiveHub], redis_client: aioredis.Redis, keys: RedisKeys
+) -> None:
+    await redis_client.set(keys.checkpoint, b"\x93not a checkpoint")
+    starting = live_hubs()
+    await starting.broker.start(starting.floors)
+    assert starting.floors.rebuilt == 1
+    held = await redis_client.get(keys.checkpoint)
+    assert held is not None and hub.broker.CHECKPOINT_DECODER.decode(held).state
+
+
+async def test_redis_losing_its_data_does_not_make_live_hubs_look_dead(
+    live_hubs: Callable[[], LiveHub],
+    redis_client: aioredis.Redis,
+    keys: RedisKeys,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub.broker, "HUB_TTL_S", 0.5)
+    monkeypatch.setattr(hub.broker, "HUB_REFRESH_S", 0.05)
+    watcher = live_hubs()
+    await watcher.broker.start(watcher.floors)
+    # Another hub, alive, holding a socket; it refreshes its key more slowly than the watcher.
+    await redis_client.set(keys.hub("slow-hub"), b"1", px=60_000)
+    watcher.broker.publish(TerminalConnected(tenant, "door", "hq", "slow-hub", datetime.now(UTC)))
+    await applied(watcher, 1)
+    await asyncio.sleep(0.7)
+    # Redis comes back empty; the slow hub sets its key again 0.2 s later.
+    await redis_client.delete(*[key async for key in redis_client.scan_iter(f"{keys.prefix}:*")])
+    await asyncio.sleep(0.2)
+    await redis_client.set(keys.hub("slow-hub"), b"1", px=60_000)
+    await asyncio.sleep(0.7)
+    assert not [e for e in watcher.events if isinstance(e, HubGone)]

@@ -635,3 +635,28 @@ def test_a_removed_device_leaves_the_board() -> None:
     assert (gone.channel, gone.changes[0].online) == ("terminals:hq", False)
     assert board.snapshot("hq").members == ()
     assert board.removed("door", T0) == []
+
+
+def test_what_a_hub_says_it_holds_replaces_what_the_board_counted_for_it() -> None:
+    board = TerminalBoard(BASE)
+    later = T0 + timedelta(minutes=1)
+    # The door's socket on hub-a was counted twice (say its connect event came twice).
+    board.connected("door", "hq", "hub-a", T0)
+    board.connected("door", "hq", "hub-a", T0)
+    board.connected("gate", "hq", "hub-b", T0)
+    deltas = board.hub_holds("hub-a", {"door": ("hq", 1), "dock": ("plant", 1)}, later)
+    assert [(d.channel, d.changes[0].device, d.changes[0].online) for d in deltas] == [
+        ("terminals:plant", "dock", True)
+    ]
+    [offline] = board.disconnected("door", "hub-a", later)
+    assert (offline.changes[0].device, offline.changes[0].online) == ("door", False)
+    # A hub that died holds nothing: its devices with no other socket go offline.
+    board.connected("gate", "hq", "hub-a", T0)
+    assert board.hub_holds("hub-b", {}, later) == []
+    gone = board.hub_holds("hub-a", {}, later)
+    assert [(d.changes[0].device, d.changes[0].online, d.changes[0].since) for d in gone] == [
+        ("dock", False, later),
+        ("gate", False, later),
+    ]
+    assert board.hub_holds("hub-a", {}, later) == []
+    assert board.hubs() == set()
