@@ -71,7 +71,7 @@ class PresencePunch(msgspec.Struct, frozen=True):
     at: datetime
 
 
-class Member(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
+class Member(msgspec.Struct, frozen=True, omit_defaults=True, tag=True, array_like=True):
     """One employee as a ``presence:`` channel shows them (PROTOCOL section 4).
 
     In a delta, a member whose ``state`` is ``out`` (and not ``late``) has left
@@ -86,7 +86,7 @@ class Member(msgspec.Struct, frozen=True, omit_defaults=True, tag=True):
     late: bool = False
 
 
-class TerminalMember(msgspec.Struct, frozen=True, tag=True):
+class TerminalMember(msgspec.Struct, frozen=True, tag=True, array_like=True):
     """One device as a ``terminals:`` channel shows it."""
 
     device: str
@@ -95,7 +95,7 @@ class TerminalMember(msgspec.Struct, frozen=True, tag=True):
     since: datetime
 
 
-class Delta(msgspec.Struct, frozen=True):
+class Delta(msgspec.Struct, frozen=True, array_like=True):
     channel: str
     version: int
     changes: tuple[Member | TerminalMember, ...]
@@ -107,7 +107,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     members: tuple[Member | TerminalMember, ...]
 
 
-class _Latest(msgspec.Struct):
+class _Latest(msgspec.Struct, array_like=True):
     """An employee's latest punch by (at, id): it decides their state."""
 
     at: datetime
@@ -526,7 +526,7 @@ class TenantFloor:
             self._latest[punch.employee] = latest
 
 
-class _Device(msgspec.Struct):
+class _Device(msgspec.Struct, array_like=True):
     site: str
     name: str
     since: datetime
