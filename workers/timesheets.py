@@ -1,0 +1,232 @@
+"""Timesheets as pure rules: one employee's punches in, one row per local work day out.
+
+No I/O and no clock of its own: the caller passes the punches, the site's time zone and
+policy, and ``now`` (for a shift still open).
+
+The steps, each a function below:
+
+1. **Rounding** (``rounding_minutes`` 5, 6 or 15): each punch moves to the nearest multiple
+   of the step on the local wall clock, in whole minutes, half up: with 15 that is the
+   7-minute rule (8:07 -> 8:00, 8:08 -> 8:15; 29 CFR 785.48(b)).
+2. **Pairing**: punches in order of time make work and break intervals. ``in`` and
+   ``break_end`` start work, ``break_start`` ends work and starts a break, ``out`` ends
+   either. Odd sequences follow presence (``break_end`` while out starts work); a day with
+   one is flagged: ``missing_clock_in`` (an ``out`` or ``break_end`` while out) or
+   ``missing_clock_out`` (an ``in`` while in, or a shift still open after ``MAX_OPEN``).
+   A shift still open at ``now`` and younger than ``MAX_OPEN`` counts up to ``now``.
+3. **Work days**: intervals are cut at local midnight, so a night shift counts on the days
+   it really fell on, and a day is as long as it really was (23 or 25 hours across DST).
+4. **Classification** into regular, overtime (1.5x) and double time (2x) minutes:
+   ``none`` (all regular), ``flsa`` (over 40 hours in the workweek) or ``california`` (over 8
+   hours a day, over 12 at double time, the 7th consecutive day of the workweek at overtime
+   for its first 8 hours and double time beyond, and regular hours over 40 in the week at
+   overtime; an hour is counted once, never paid twice over).
+
+Minutes are whole: each day's worked and break seconds are rounded to the minute, and the
+classification splits those whole minutes, so regular + overtime + double time is always
+the worked minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Final, Literal
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+Overtime = Literal["flsa", "california", "none"]
+
+WEEKDAYS: Final = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+# A shift open longer than this is a forgotten clock-out, not work: it counts nothing.
+MAX_OPEN: Final = timedelta(hours=16)
+
+# Thresholds, in minutes.
+WEEK_REGULAR: Final = 40 * 60
+DAY_REGULAR: Final = 8 * 60
+DAY_DOUBLE: Final = 12 * 60
+SEVENTH_DAY_OVERTIME: Final = 8 * 60
+
+
+class Rules(msgspec.Struct, frozen=True):
+    """A site's policy as the timesheet needs it."""
+
+    timezone: str
+    overtime: Overtime = "none"
+    workweek_start: int = 0
+    rounding_minutes: int = 0
+
+    @classmethod
+    def from_policy(cls, timezone: str, policy: dict[str, object]) -> Rules:
+        overtime = policy.get("overtime") or "none"
+        start = policy.get("workweek_start") or "monday"
+        rounding = policy.get("rounding_minutes") or 0
+        assert overtime in ("flsa", "california", "none") and isinstance(rounding, int)
+        return cls(timezone, overtime, WEEKDAYS.index(str(start)), rounding)
+
+
+class Punch(msgspec.Struct, frozen=True):
+    at: datetime
+    kind: str
+
+
+class Day(msgspec.Struct):
+    """One employee's local work day: PROTOCOL section 3, ``GET /v1/timesheets``."""
+
+    date: date
+    worked_minutes: int = 0
+    regular_minutes: int = 0
+    overtime_minutes: int = 0
+    double_time_minutes: int = 0
+    break_minutes: int = 0
+    flags: list[str] = msgspec.field(default_factory=list)
+
+
+Interval = tuple[datetime, datetime]
+
+
+def round_time(at: datetime, minutes: int, zone: ZoneInfo) -> datetime:
+    """``at`` (in UTC) moved to the nearest ``minutes`` step of the local wall clock (whole
+    minutes, half up); unchanged when ``minutes`` is 0."""
+    at = at.astimezone(UTC)
+    if not minutes:
+        return at
+    local = at.astimezone(zone)
+    offset = local.utcoffset()
+    assert offset is not None
+    wall = local.replace(tzinfo=None)
+    whole = wall.replace(second=0, microsecond=0)
+    past = (whole.hour * 60 + whole.minute) % minutes
+    step = -past if 2 * past < minutes else minutes - past
+    return (whole + timedelta(minutes=step) - offset).replace(tzinfo=UTC)
+
+
+def pair(
+    punches: Iterable[Punch], now: datetime
+) -> tuple[list[Interval], list[Interval], list[tuple[datetime, str]]]:
+    """Work intervals, break intervals, and (when, flag) for the odd places, from punches in
+    order of time."""
+    work: list[Interval] = []
+    breaks: list[Interval] = []
+    flags: list[tuple[datetime, str]] = []
+    state: Literal["in", "break", "out"] = "out"
+    since: datetime | None = None
+    for punch in punches:
+        at, kind = punch.at, punch.kind
+        if state == "in":
+            assert since is not None
+            if kind == "in":
+                # A clock-in without a clock-out before it: the work goes on from the first.
+                flags.append((at, "missing_clock_out"))
+                continue
+            if kind == "break_end":
+                continue
+            work.append((since, at))
+            state, since = ("break", at) if kind == "break_start" else ("out", None)
+        elif state == "break":
+            assert since is not None
+            if kind == "break_start":
+                continue
+            breaks.append((since, at))
+            state, since = ("out", None) if kind == "out" else ("in", at)
+        else:
+            if kind in ("out", "break_start"):
+                flags.append((at, "missing_clock_in"))
+                continue
+            if kind == "break_end":
+                flags.append((at, "missing_clock_in"))
+            state, since = "in", at
+    if since is not None:
+        if now - since <= MAX_OPEN:
+            (work if state == "in" else breaks).append((since, max(since, now)))
+        else:
+            flags.append((since, "missing_clock_out"))
+    return work, breaks, flags
+
+
+def split_days(intervals: Iterable[Interval], zone: ZoneInfo) -> dict[date, float]:
+    """Seconds per local day, each interval (in UTC) cut at local midnights."""
+    seconds: dict[date, float] = {}
+    for start, end in intervals:
+        while start < end:
+            day = start.astimezone(zone).date()
+            # In UTC: datetimes sharing a zone subtract as wall clocks, an hour off across DST.
+            midnight = datetime.combine(day + timedelta(days=1), time(0), zone).astimezone(UTC)
+            cut = min(end, midnight)
+            seconds[day] = seconds.get(day, 0.0) + (cut - start).total_seconds()
+            start = cut
+    return seconds
+
+
+def week_of(day: date, workweek_start: int) -> date:
+    """The first day of the workweek holding ``day``."""
+    return day - timedelta(days=(day.weekday() - workweek_start) % 7)
+
+
+def classify(days: Sequence[Day], rules: Rules) -> None:
+    """Split each day's worked minutes into regular, overtime and double time (in place).
+
+    ``days`` must hold every day with work of the workweeks concerned, in order.
+    """
+    weekly_regular: dict[date, int] = {}
+    worked_days: dict[date, set[int]] = {}
+    for day in days:
+        if day.worked_minutes:
+            week = week_of(day.date, rules.workweek_start)
+            worked_days.setdefault(week, set()).add((day.date - week).days)
+    for day in days:
+        worked = day.worked_minutes
+        week = week_of(day.date, rules.workweek_start)
+        regular, overtime, double = worked, 0, 0
+        if rules.overtime == "california":
+            seventh = (day.date - week).days == 6 and worked_days.get(week, set()) >= set(range(7))
+            if seventh:
+                regular = 0
+                overtime = min(worked, SEVENTH_DAY_OVERTIME)
+                double = worked - overtime
+            else:
+                regular = min(worked, DAY_REGULAR)
+                double = max(0, worked - DAY_DOUBLE)
+                overtime = worked - regular - double
+        if rules.overtime in ("flsa", "california"):
+            # Regular hours past 40 in the week become overtime; overtime already counted
+            # by the day does not count again.
+            room = max(0, WEEK_REGULAR - weekly_regular.get(week, 0))
+            moved = max(0, regular - room)
+            regular -= moved
+            overtime += moved
+            weekly_regular[week] = weekly_regular.get(week, 0) + regular
+        day.regular_minutes, day.overtime_minutes, day.double_time_minutes = (
+            regular,
+            overtime,
+            double,
+        )
+
+
+def timesheet(punches: Sequence[Punch], rules: Rules, now: datetime) -> list[Day]:
+    """Every local day with work, a break or a flag, in order, classified."""
+    zone = ZoneInfo(rules.timezone)
+    now = now.astimezone(UTC)
+    ordered = sorted(
+        (Punch(round_time(p.at, rules.rounding_minutes, zone), p.kind) for p in punches),
+        key=lambda p: p.at,
+    )
+    work, breaks, flags = pair(ordered, now)
+    worked = split_days(work, zone)
+    rested = split_days(breaks, zone)
+    flagged: dict[date, set[str]] = {}
+    for at, flag in flags:
+        flagged.setdefault(at.astimezone(zone).date(), set()).add(flag)
+    days = [
+        Day(
+            date=day,
+            worked_minutes=round(worked.get(day, 0.0) / 60),
+            break_minutes=round(rested.get(day, 0.0) / 60),
+            flags=sorted(flagged.get(day, ())),
+        )
+        for day in sorted({*worked, *rested, *flagged})
+    ]
+    classify(days, rules)
+    return days
