@@ -326,6 +326,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/punches", api.list_punches, methods=["GET"]),
         Route("/v1/punches", api.post_punch, methods=["POST"]),
         Route("/v1/audit", api.list_audit, methods=["GET"]),
+        Route("/v1/timesheets", api.timesheets, methods=["GET"]),
         Route("/v1/presence/{site}", api.get_presence, methods=["GET"]),
         Route("/v1/schedules/{employee}", api.put_schedule, methods=["PUT"]),
         Route("/healthz", api.healthz, methods=["GET"]),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import csv
+import io
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from itertools import pairwise
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -42,6 +44,9 @@ from hub.protocol import (
 from hub.tokens import ROLES, Claims, Role, TokenError
 from hub.types import Conn
 from workers.persist import FUTURE_TOLERANCE, PunchRequest, store_punches
+from workers.timesheets import Day, timesheet
+from workers.timesheets import Punch as TimedPunch
+from workers.timesheets import Rules as TimesheetRules
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -55,6 +60,8 @@ DEFAULT_PAGE = 1000
 MAX_AUDIT_PAGE = 1000
 DEFAULT_AUDIT_PAGE = 100
 MAX_AUDIT_FILTER = 200
+# The longest period one timesheet request covers.
+MAX_TIMESHEET_DAYS = 92
 
 _STATUS_CODES = {
     400: "invalid",
@@ -705,6 +712,60 @@ class Api:
             body["next"] = _encode_cursor(last["at"], str(last["id"]))
         return json_response(body)
 
+    # -- timesheets -----------------------------------------------------------
+
+    async def timesheets(self, request: Request) -> Response:
+        claims = await self.claims(request, "admin", "supervisor", "employee")
+        query = request.query_params
+        first, last = _date_param(query.get("from"), "from"), _date_param(query.get("to"), "to")
+        if last < first:
+            raise ApiError(400, "`to` is before `from`")
+        if (last - first).days >= MAX_TIMESHEET_DAYS:
+            raise ApiError(400, f"a timesheet covers at most {MAX_TIMESHEET_DAYS} days")
+        employee, site = query.get("employee"), query.get("site")
+        for name, value in (("employee", employee), ("site", site)):
+            if value is not None and not is_entity_id(value):
+                raise ApiError(400, f"`{name}` is not a valid id")
+        if claims.role == "employee":
+            if employee not in (None, claims.employee):
+                raise ApiError(403, "an employee token reads only its own timesheet")
+            employee = claims.employee
+        sites: list[str] | None = None
+        if claims.role == "supervisor" and "*" not in claims.sites:
+            if site is not None and site not in claims.sites:
+                raise ApiError(403, f"this token does not cover site {site!r}")
+            sites = list(claims.sites)
+        # From two days before the first workweek concerned (a night shift into it, and
+        # the hours that count towards its weekly overtime), to two days after.
+        start = datetime.combine(first - timedelta(days=9), time(0), UTC)
+        end = datetime.combine(last + timedelta(days=2), time(0), UTC)
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            employees = await store.timesheet_employees(
+                conn, claims.tenant, employee=employee, site=site, sites=sites
+            )
+            rows = await store.punches_between(
+                conn, claims.tenant, [e["id"] for e in employees], start, end
+            )
+        punches: dict[str, list[TimedPunch]] = {}
+        for row in rows:
+            punches.setdefault(row["employee"], []).append(
+                TimedPunch(row["at"], row["kind"], tuple(row["flags"]))
+            )
+        now = _now()
+        sheet = [
+            (found["id"], day)
+            for found in employees
+            for day in timesheet(
+                punches.get(found["id"], []),
+                TimesheetRules.from_policy(found["timezone"], found["policy"]),
+                now,
+            )
+            if first <= day.date <= last
+        ]
+        if "text/csv" in request.headers.get("accept", ""):
+            return _timesheet_csv(sheet)
+        return json_response({"rows": [_timesheet_json(employee, day) for employee, day in sheet]})
+
     # -- audit log ------------------------------------------------------------
 
     async def list_audit(self, request: Request) -> Response:
@@ -779,6 +840,51 @@ def _with_utc_instant(moment: datetime, name: str) -> datetime:
     except OverflowError:
         raise ApiError(400, f"`{name}` is outside the range of UTC times") from None
     return moment
+
+
+def _date_param(raw: str | None, name: str) -> date:
+    if raw is None:
+        raise ApiError(400, f"`{name}` is required: a date such as 2026-11-30")
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(400, f"`{name}` must be a date such as 2026-11-30") from None
+
+
+TIMESHEET_COLUMNS: Final = (
+    "employee",
+    "date",
+    "worked_minutes",
+    "regular_minutes",
+    "overtime_minutes",
+    "double_time_minutes",
+    "break_minutes",
+    "flags",
+)
+
+
+def _timesheet_json(employee: str, day: Day) -> dict[str, Any]:
+    return {
+        "employee": employee,
+        "date": day.date.isoformat(),
+        "worked_minutes": day.worked_minutes,
+        "regular_minutes": day.regular_minutes,
+        "overtime_minutes": day.overtime_minutes,
+        "double_time_minutes": day.double_time_minutes,
+        "break_minutes": day.break_minutes,
+        "flags": day.flags,
+    }
+
+
+def _timesheet_csv(sheet: list[tuple[str, Day]]) -> Response:
+    """The rows as CSV (RFC 4180, a header first); a day's flags joined by ``;``."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(TIMESHEET_COLUMNS)
+    for employee, day in sheet:
+        row = _timesheet_json(employee, day)
+        writer.writerow([*(row[c] for c in TIMESHEET_COLUMNS[:-1]), ";".join(day.flags)])
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8")
 
 
 def _encode_cursor(at: datetime, punch_id: str) -> str:

@@ -485,3 +485,39 @@ async def list_punches(
         after[1] if after else None,
         limit,
     )
+
+
+async def timesheet_employees(
+    conn: Conn, tenant: str, *, employee: str | None, site: str | None, sites: list[str] | None
+) -> list[asyncpg.Record]:
+    """Employees with their home site's time zone and policy (their timesheet's rules)."""
+    return await conn.fetch(
+        """SELECT e.id, s.timezone, s.policy
+             FROM employees e
+             JOIN sites s ON s.tenant = e.tenant AND s.id = e.site
+            WHERE e.tenant = $1
+              AND ($2::text IS NULL OR e.id = $2)
+              AND ($3::text IS NULL OR e.site = $3)
+              AND ($4::text[] IS NULL OR e.site = ANY($4))
+            ORDER BY e.id""",
+        tenant,
+        employee,
+        site,
+        sites,
+    )
+
+
+async def punches_between(
+    conn: Conn, tenant: str, employees: list[str], start: datetime, end: datetime
+) -> list[asyncpg.Record]:
+    """The employees' punches from ``start`` to before ``end``, by employee, then in time."""
+    return await conn.fetch(
+        """SELECT employee, kind, at, flags
+             FROM punches
+            WHERE tenant = $1 AND employee = ANY($2::text[]) AND at >= $3 AND at < $4
+            ORDER BY employee, at, id""",
+        tenant,
+        employees,
+        start,
+        end,
+    )

@@ -13,7 +13,8 @@ The steps, each a function below:
    either. Odd sequences follow presence (``break_end`` while out starts work); a day with
    one is flagged: ``missing_clock_in`` (an ``out`` or ``break_end`` while out) or
    ``missing_clock_out`` (an ``in`` while in, or a shift still open after ``MAX_OPEN``).
-   A shift still open at ``now`` and younger than ``MAX_OPEN`` counts up to ``now``.
+   A shift still open at ``now`` and younger than ``MAX_OPEN`` counts up to ``now``. Flags
+   stored on a punch are shown on its day too.
 3. **Work days**: intervals are cut at local midnight, so a night shift counts on the days
    it really fell on, and a day is as long as it really was (23 or 25 hours across DST).
 4. **Classification** into regular, overtime (1.5x) and double time (2x) minutes:
@@ -70,6 +71,8 @@ class Rules(msgspec.Struct, frozen=True):
 class Punch(msgspec.Struct, frozen=True):
     at: datetime
     kind: str
+    # Flags stored on the punch (odd sequences, fraud checks): shown on its day.
+    flags: tuple[str, ...] = ()
 
 
 class Day(msgspec.Struct):
@@ -210,7 +213,7 @@ def timesheet(punches: Sequence[Punch], rules: Rules, now: datetime) -> list[Day
     zone = ZoneInfo(rules.timezone)
     now = now.astimezone(UTC)
     ordered = sorted(
-        (Punch(round_time(p.at, rules.rounding_minutes, zone), p.kind) for p in punches),
+        (Punch(round_time(p.at, rules.rounding_minutes, zone), p.kind, p.flags) for p in punches),
         key=lambda p: p.at,
     )
     work, breaks, flags = pair(ordered, now)
@@ -219,6 +222,9 @@ def timesheet(punches: Sequence[Punch], rules: Rules, now: datetime) -> list[Day
     flagged: dict[date, set[str]] = {}
     for at, flag in flags:
         flagged.setdefault(at.astimezone(zone).date(), set()).add(flag)
+    for punch in ordered:
+        if punch.flags:
+            flagged.setdefault(punch.at.astimezone(zone).date(), set()).update(punch.flags)
     days = [
         Day(
             date=day,
