@@ -1,0 +1,118 @@
+"""The fraud checks as pure code (workers/fraud.py): each check on the case it is for, the
+honest cases next to it that it must leave alone, and history never reported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from workers.fraud import Finding, Row, Thresholds, arrays, check, distance_m
+
+T0 = 1_795_000_000.0
+HQ = {"site": "hq", "site_lat": 52.52, "site_lon": 13.405, "site_radius": 200.0}
+# Hamburg, 255 km from Berlin.
+PORT = {"site": "port", "site_lat": 53.55, "site_lon": 9.99, "site_radius": 200.0}
+
+
+def row(employee: str, at: float, kind: str = "in", new: bool = True, **extra: Any) -> Row:
+    values: dict[str, Any] = {
+        **HQ,
+        "employee": employee,
+        "kind": kind,
+        "at": T0 + at,
+        "received": T0 + at + 0.2,
+        "local_minute": 480.0,
+        "new": new,
+        "device": "door",
+    }
+    values.update(extra)
+    return Row(**values)
+
+
+def found(rows: list[Row], **thresholds: Any) -> list[tuple[str, int, str]]:
+    """(kind, index, reason or '') of every finding."""
+    findings: list[Finding] = check(arrays(rows), Thresholds(**thresholds))
+    return [(f.kind, f.index, str(f.detail.get("reason", ""))) for f in findings]
+
+
+def test_turns_at_a_reader_are_honest_and_a_colleague_right_behind_is_not() -> None:
+    queue = [row(f"e{n}", 6.0 * n) for n in range(5)]
+    assert found(queue) == []
+    buddy = [row("e1", 0.0), row("e2", 0.8)]
+    assert found(buddy) == [("buddy_punch", 1, "one_device")]
+    # The same employee twice on one reader is not a buddy punch (it is a rapid repeat).
+    assert [f[0] for f in found([row("e1", 0.0), row("e1", 0.8)])] == ["rapid_repeat"]
+
+
+def test_one_employee_on_two_devices_at_once() -> None:
+    rows = [row("e1", 0.0, device="door"), row("e1", 20.0, device="gate", kind="out")]
+    assert found(rows) == [("buddy_punch", 1, "two_devices")]
+    # An hour later on the other device is a normal day.
+    assert found([rows[0], row("e1", 3600.0, device="gate", kind="out")]) == []
+
+
+def test_geofence_outside_the_radius_or_too_vague_and_not_where_turned_off() -> None:
+    phone = {"device": None, "accuracy": 20.0}
+    inside = row("e1", 0, lat=52.5205, lon=13.405, **phone)
+    outside = row("e2", 0, lat=52.55, lon=13.405, **phone)
+    vague = row("e3", 0, lat=52.52, lon=13.405, **{**phone, "accuracy": 900.0})
+    assert found([inside]) == []
+    assert found([outside]) == [("geofence", 0, "outside")]
+    assert found([vague]) == [("geofence", 0, "poor_accuracy")]
+    off = row("e2", 0, lat=52.55, lon=13.405, geofence="off", **phone)
+    assert found([off]) == []
+    # A site without a radius has no fence.
+    assert found([row("e2", 0, lat=52.55, lon=13.405, site_radius=None, **phone)]) == []
+
+
+def test_impossible_travel_between_cities_but_not_a_day_apart() -> None:
+    rows = [row("e1", 0.0), row("e1", 1800.0, kind="out", device="quay", **PORT)]
+    [(kind, index, _)] = found(rows)
+    assert (kind, index) == ("impossible_travel", 1)
+    # Driving there takes three hours: fine.
+    assert found([rows[0], row("e1", 3 * 3600.0, kind="out", device="quay", **PORT)]) == []
+    # The distance is the real one.
+    berlin_hamburg = distance_m(
+        np.array([52.52]), np.array([13.405]), np.array([53.55]), np.array([9.99])
+    )
+    assert 250_000 < berlin_hamburg[0] < 260_000
+
+
+def test_clock_skew_only_for_online_punches_not_entered_by_hand() -> None:
+    skewed = row("e1", 0.0, received=T0 + 1800.0)
+    assert found([skewed]) == [("clock_skew", 0, "")]
+    assert found([row("e1", 0.0, received=T0 + 1800.0, offline=True)]) == []
+    assert found([row("e1", 0.0, received=T0 + 1800.0, manual=True, device=None)]) == []
+    assert found([row("e1", 0.0, received=T0 + 30.0)]) == []
+
+
+def test_rapid_repeat_of_the_same_kind_only() -> None:
+    assert [f[:2] for f in found([row("e1", 0.0), row("e1", 40.0)])] == [("rapid_repeat", 1)]
+    assert found([row("e1", 0.0), row("e1", 40.0, kind="break_start")]) == []
+    assert found([row("e1", 0.0), row("e1", 400.0)]) == []
+
+
+def test_unusual_time_needs_history_and_is_robust_around_midnight() -> None:
+    # A night worker who clocks in around 23:50, give or take ten minutes (crossing midnight).
+    usual = [
+        row("e1", -86400.0 * (n + 1), new=False, local_minute=(1430 + (n % 5) * 5) % 1440)
+        for n in range(30)
+    ]
+    assert found([*usual, row("e1", 0.0, local_minute=5.0)]) == []
+    assert found([*usual, row("e1", 0.0, local_minute=1425.0)]) == []
+    [(kind, index, _)] = found([*usual, row("e1", 0.0, local_minute=14 * 60.0)])
+    assert (kind, index) == ("unusual_time", 30)
+    # Not enough history: no opinion.
+    assert found([*usual[:5], row("e1", 0.0, local_minute=14 * 60.0)]) == []
+    # Another kind's history says nothing about this kind.
+    assert found([*usual, row("e1", 0.0, kind="out", local_minute=14 * 60.0)]) == []
+
+
+def test_history_is_never_reported_and_a_batch_checked_twice_finds_the_same() -> None:
+    history = [row("e1", 0.0, new=False), row("e2", 0.8, new=False)]
+    assert found(history) == []
+    batch = [*history, row("e3", 1.5), row("e3", 30.0, received=T0 + 4000.0)]
+    first = found(batch)
+    assert first == found(batch)
+    assert {index for _, index, _ in first} == {2, 3}
