@@ -45,6 +45,7 @@ from hub.rest import Api, ApiError, error_response
 from hub.session import CLOSE_BAD_TOKEN
 from hub.tokens import TokenError, TokenIssuer
 from hub.ws import Connection, websocket_endpoint
+from workers.checks import Checker
 from workers.retention import RetentionJob
 from workers.stream import StreamWorker
 
@@ -134,6 +135,7 @@ class Hub:
                 batch_max=self.settings.batch_max,
                 claim_idle_ms=self.settings.claim_idle_ms,
                 max_deliveries=self.settings.max_deliveries,
+                checker=Checker.from_settings(self._pool, self.settings),
             )
             self._working = asyncio.create_task(worker.run(), name="stream-worker")
         # Retention deletes across tenants: the system pool, not the application role.
@@ -327,6 +329,7 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/v1/punches", api.post_punch, methods=["POST"]),
         Route("/v1/audit", api.list_audit, methods=["GET"]),
         Route("/v1/timesheets", api.timesheets, methods=["GET"]),
+        Route("/v1/alerts", api.list_alerts, methods=["GET"]),
         Route("/v1/presence/{site}", api.get_presence, methods=["GET"]),
         Route("/v1/schedules/{employee}", api.put_schedule, methods=["PUT"]),
         Route("/healthz", api.healthz, methods=["GET"]),

@@ -29,6 +29,7 @@ from hub.migrate import migrate
 from hub.redis_keys import RedisKeys
 from hub.tokens import TokenIssuer, load_or_create_secret
 from hub.wsproto import HubWebSocketProtocol
+from workers.checks import Checker
 from workers.stream import StreamWorker
 
 log = logging.getLogger("attendance_hub")
@@ -289,6 +290,7 @@ async def _work(settings: Settings, redis_url: str, dsn: str, name: str | None) 
         batch_max=settings.batch_max,
         claim_idle_ms=settings.claim_idle_ms,
         max_deliveries=settings.max_deliveries,
+        checker=Checker.from_settings(pool, settings),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

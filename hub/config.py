@@ -7,8 +7,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from hub.limits import FLOOD_WINDOW_S, normalize_origin
 from hub.redis_keys import DEFAULT_PREFIX
+from workers.fraud import Thresholds
 
 
 class ConfigError(ValueError):
@@ -93,6 +96,11 @@ class Settings:
     ack_timeout_s: int
     claim_idle_ms: int
     max_deliveries: int
+    # The fraud checks: every threshold (ATTENDANCE_FRAUD_<NAME>), and how much of each
+    # employee's history a punch is compared with.
+    fraud: Thresholds
+    check_history_days: int
+    check_history_max: int
 
     @property
     def embedded(self) -> bool:
@@ -157,7 +165,31 @@ class Settings:
             ack_timeout_s=_int(env, "ATTENDANCE_ACK_TIMEOUT_S", 10, minimum=1),
             claim_idle_ms=_int(env, "ATTENDANCE_CLAIM_IDLE_MS", 30_000, minimum=100),
             max_deliveries=_int(env, "ATTENDANCE_MAX_DELIVERIES", 5, minimum=1),
+            fraud=_thresholds(env),
+            check_history_days=_int(env, "ATTENDANCE_CHECK_HISTORY_DAYS", 14, minimum=1),
+            check_history_max=_int(env, "ATTENDANCE_CHECK_HISTORY_MAX", 64, minimum=1),
         )
+
+
+def _thresholds(env: dict[str, str]) -> Thresholds:
+    """Every field of ``Thresholds`` from ``ATTENDANCE_FRAUD_<FIELD>``, else its default."""
+    values: dict[str, float | int] = {}
+    for field in msgspec.structs.fields(Thresholds):
+        name = f"ATTENDANCE_FRAUD_{field.name.upper()}"
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        if field.type is int:
+            values[field.name] = _int(env, name, 0, minimum=1)
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise ConfigError(f"{name} must be a positive number, got {raw!r}")
+        values[field.name] = value
+    return Thresholds(**values)  # type: ignore[arg-type]
 
 
 def _redis_prefix(env: dict[str, str]) -> str:

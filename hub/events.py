@@ -8,7 +8,9 @@ Structs, so they travel as msgpack as they are.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -18,6 +20,21 @@ from workers.persist import PunchOutcome, PunchRequest
 
 class _Event(msgspec.Struct, tag_field="event"):
     pass
+
+
+class Alert(msgspec.Struct, frozen=True):
+    """An alert as stored and pushed (PROTOCOL section 4, the ``alert`` frame)."""
+
+    tenant: str
+    id: uuid.UUID
+    kind: str
+    severity: str
+    employee: str | None
+    site: str | None
+    at: datetime
+    message: str
+    detail: dict[str, Any]
+    raised_at: datetime
 
 
 class PunchesCommitted(_Event, tag="committed"):
@@ -117,6 +134,12 @@ class HubSockets(_Event, tag="hub_sockets"):
     now: datetime
 
 
+class AlertsRaised(_Event, tag="alerts"):
+    """Alerts just stored: on their site's ``alerts:`` channel and their employee's ``me``."""
+
+    alerts: list[Alert]
+
+
 PresenceEvent = (
     PunchesCommitted
     | EmployeeRenamed
@@ -130,4 +153,5 @@ PresenceEvent = (
     | TerminalDisconnected
     | HubGone
     | HubSockets
+    | AlertsRaised
 )

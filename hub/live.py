@@ -26,6 +26,8 @@ import msgspec
 
 from hub import protocol as p
 from hub.events import (
+    Alert,
+    AlertsRaised,
     ClockTicked,
     DeviceKnown,
     DeviceRemoved,
@@ -41,7 +43,10 @@ from hub.events import (
     TerminalDisconnected,
 )
 from hub.presence import (
+    AlertBoard,
+    AlertMember,
     BoardDump,
+    ChannelDump,
     Delta,
     FloorDump,
     Member,
@@ -117,6 +122,7 @@ class LiveDump(msgspec.Struct, array_like=True):
     base: int
     floors: dict[str, FloorDump]
     boards: dict[str, BoardDump]
+    alerts: dict[str, dict[str, ChannelDump]]
 
 
 _DUMP_ENCODER: Final = msgspec.msgpack.Encoder()
@@ -140,6 +146,7 @@ class Live:
         self._base = base_version
         self._floors: dict[str, TenantFloor] = {}
         self._boards: dict[str, TerminalBoard] = {}
+        self._alerts: dict[str, AlertBoard] = {}
         self._listeners: dict[tuple[str, str], set[Listener]] = {}
         self._joined: dict[Listener, set[tuple[str, str]]] = {}
         # Set when a schedule or a grace period changed: the clock looks again.
@@ -155,6 +162,12 @@ class Live:
         board = self._boards.get(tenant)
         if board is None:
             board = self._boards[tenant] = TerminalBoard(self._base)
+        return board
+
+    def alerts(self, tenant: str) -> AlertBoard:
+        board = self._alerts.get(tenant)
+        if board is None:
+            board = self._alerts[tenant] = AlertBoard(self._base)
         return board
 
     def apply(self, event: PresenceEvent) -> list[Flag]:
@@ -186,6 +199,9 @@ class Live:
             case HubGone(hub=hub, now=now):
                 for tenant, board in list(self._boards.items()):
                     self._send_all(tenant, board.hub_holds(hub, {}, now))
+            case AlertsRaised(alerts=alerts):
+                for alert in alerts:
+                    self._raised(alert)
             case HubSockets(hub=hub, sockets=sockets, now=now):
                 held: dict[str, dict[str, tuple[str, int]]] = {}
                 for tenant, device, site, count in sockets:
@@ -195,6 +211,26 @@ class Live:
                     self._send_all(tenant, board.hub_holds(hub, held.get(tenant, {}), now))
         return []
 
+    def _raised(self, alert: Alert) -> None:
+        member = AlertMember(
+            alert.id,
+            alert.kind,
+            alert.severity,
+            alert.employee,
+            alert.site,
+            alert.at,
+            alert.message,
+            alert.detail,
+            alert.raised_at,
+        )
+        delta = self.alerts(alert.tenant).raised(member)
+        if delta is not None:
+            self._publish(alert.tenant, delta.channel, [delta])
+        if alert.employee is not None:
+            me = (alert.tenant, me_channel_name(alert.employee))
+            if me in self._listeners:
+                self._deliver(me, [alert_frame(member, "me", None)], "alert")
+
     def dump(self) -> bytes:
         """Every floor and board with their versions and logs, for another hub process."""
         return _DUMP_ENCODER.encode(
@@ -202,6 +238,7 @@ class Live:
                 self._base,
                 {tenant: floor.dump() for tenant, floor in self._floors.items()},
                 {tenant: board.dump() for tenant, board in self._boards.items()},
+                {tenant: board.dump() for tenant, board in self._alerts.items()},
             )
         )
 
@@ -219,6 +256,9 @@ class Live:
         self._boards = {
             tenant: TerminalBoard.restored(held.base, board)
             for tenant, board in held.boards.items()
+        }
+        self._alerts = {
+            tenant: AlertBoard.restored(held.base, board) for tenant, board in held.alerts.items()
         }
         self._replanned.set()
 
@@ -363,7 +403,7 @@ class Live:
         caller has checked that the role may subscribe and that the site exists.
         """
         kind, _, name = channel.partition(":")
-        if kind not in ("presence", "terminals", "me"):
+        if kind not in ("presence", "terminals", "me", "alerts"):
             return [
                 p.Error(
                     code="unknown_channel",
@@ -375,11 +415,12 @@ class Live:
         self._listeners.setdefault(key, set()).add(listener)
         self._joined.setdefault(listener, set()).add(key)
         public = public_channel(channel)
-        floor, board = self.floor(tenant), self.board(tenant)
+        floor, board, alerts = self.floor(tenant), self.board(tenant), self.alerts(tenant)
         held = {
             "presence": floor.channel,
             "terminals": board.channel,
             "me": floor.me_channel,
+            "alerts": alerts.channel,
         }[kind](name)
         missed = None if since is None else held.since(since)
         if missed is not None:
@@ -391,6 +432,7 @@ class Live:
             "presence": floor.snapshot,
             "terminals": board.snapshot,
             "me": floor.me_snapshot,
+            "alerts": alerts.snapshot,
         }[kind](name)
         return [
             p.Subscribed(channel=public, version=taken.version, recovered=False, ref=ref),
@@ -417,7 +459,8 @@ class Live:
 
     def _publish(self, tenant: str, channel: str, deltas: list[Delta]) -> None:
         if (tenant, channel) in self._listeners:
-            self._deliver((tenant, channel), [delta_frame(delta) for delta in deltas], "delta")
+            tag = "alert" if channel.startswith("alerts:") else "delta"
+            self._deliver((tenant, channel), [delta_frame(delta) for delta in deltas], tag)
 
     def _deliver(
         self,
@@ -530,6 +573,20 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def alert_member(member: AlertMember) -> p.AlertMember:
+    return p.AlertMember(
+        id=str(member.id),
+        kind=member.kind,
+        severity=member.severity,
+        at=p.format_time(member.at),
+        message=member.message,
+        detail=member.detail,
+        raised_at=p.format_time(member.raised_at),
+        employee=member.employee,
+        site=member.site,
+    )
+
+
 def member_frame(member: Member | TerminalMember) -> p.PresenceMember | p.TerminalMember:
     if isinstance(member, TerminalMember):
         return p.TerminalMember(
@@ -548,11 +605,30 @@ def member_frame(member: Member | TerminalMember) -> p.PresenceMember | p.Termin
     )
 
 
-def delta_frame(delta: Delta) -> p.Delta:
+def delta_frame(delta: Delta) -> p.Delta | p.Alert:
+    """A delta as its frame: on an ``alerts:`` channel, the alert it carries."""
+    if delta.changes and isinstance(delta.changes[0], AlertMember):
+        return alert_frame(delta.changes[0], delta.channel, delta.version)
     return p.Delta(
         channel=public_channel(delta.channel),
         version=delta.version,
-        changes=[member_frame(m) for m in delta.changes],
+        changes=[member_frame(m) for m in delta.changes if not isinstance(m, AlertMember)],
+    )
+
+
+def alert_frame(alert: AlertMember, channel: str, version: int | None) -> p.Alert:
+    return p.Alert(
+        channel=channel,
+        id=str(alert.id),
+        kind=alert.kind,
+        severity=alert.severity,
+        at=p.format_time(alert.at),
+        message=alert.message,
+        detail=alert.detail,
+        raised_at=p.format_time(alert.raised_at),
+        employee=alert.employee,
+        site=alert.site,
+        version=version,
     )
 
 
@@ -560,5 +636,8 @@ def snapshot_frame(snapshot: Snapshot) -> p.Snapshot:
     return p.Snapshot(
         channel=public_channel(snapshot.channel),
         version=snapshot.version,
-        members=[member_frame(m) for m in snapshot.members],
+        members=[
+            alert_member(m) if isinstance(m, AlertMember) else member_frame(m)
+            for m in snapshot.members
+        ],
     )

@@ -30,7 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -58,6 +58,9 @@ DEFAULT_GRACE: Final = timedelta(minutes=5)
 LOG_LENGTH: Final = 1024
 # Deltas kept per employee's own channel (each employee has one once anything changes).
 ME_LOG_LENGTH: Final = 64
+# Alerts kept per `alerts:` channel for recovery, and how many a snapshot shows.
+ALERT_LOG_LENGTH: Final = 256
+ALERT_SNAPSHOT: Final = 50
 
 
 class PresencePunch(msgspec.Struct, frozen=True):
@@ -95,16 +98,30 @@ class TerminalMember(msgspec.Struct, frozen=True, tag=True, array_like=True):
     since: datetime
 
 
+class AlertMember(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """One alert as an ``alerts:`` channel shows it."""
+
+    id: uuid.UUID
+    kind: str
+    severity: str
+    employee: str | None
+    site: str | None
+    at: datetime
+    message: str
+    detail: dict[str, Any]
+    raised_at: datetime
+
+
 class Delta(msgspec.Struct, frozen=True, array_like=True):
     channel: str
     version: int
-    changes: tuple[Member | TerminalMember, ...]
+    changes: tuple[Member | TerminalMember | AlertMember, ...]
 
 
 class Snapshot(msgspec.Struct, frozen=True):
     channel: str
     version: int
-    members: tuple[Member | TerminalMember, ...]
+    members: tuple[Member | TerminalMember | AlertMember, ...]
 
 
 class _Latest(msgspec.Struct, array_like=True):
@@ -165,7 +182,7 @@ class Channel:
     def dump(self) -> ChannelDump:
         return ChannelDump(self.version, list(self._log))
 
-    def record(self, changes: tuple[Member | TerminalMember, ...]) -> Delta:
+    def record(self, changes: tuple[Member | TerminalMember | AlertMember, ...]) -> Delta:
         self.version += 1
         delta = Delta(self.name, self.version, changes)
         self._log.append(delta)
@@ -662,6 +679,52 @@ class TerminalBoard:
 
     def _record(self, device: str, held: _Device) -> Delta:
         return self.channel(held.site).record((_terminal(device, held),))
+
+
+class AlertBoard:
+    """Every site's ``alerts:<site>`` channel of one tenant: each alert is the next version,
+    and the last ``ALERT_LOG_LENGTH`` stay for snapshots and recovery."""
+
+    def __init__(self, base_version: int) -> None:
+        self._base = base_version
+        self._channels: dict[str, Channel] = {}
+
+    @classmethod
+    def restored(cls, base_version: int, dump: dict[str, ChannelDump]) -> AlertBoard:
+        board = cls(base_version)
+        board._channels = {
+            site: Channel.restored(alerts_name(site), held, ALERT_LOG_LENGTH)
+            for site, held in dump.items()
+        }
+        return board
+
+    def dump(self) -> dict[str, ChannelDump]:
+        return {site: channel.dump() for site, channel in self._channels.items()}
+
+    def channel(self, site: str) -> Channel:
+        channel = self._channels.get(site)
+        if channel is None:
+            channel = self._channels[site] = Channel(
+                alerts_name(site), self._base, ALERT_LOG_LENGTH
+            )
+        return channel
+
+    def raised(self, alert: AlertMember) -> Delta | None:
+        """The alert as its site's next version; None for an alert of no site."""
+        if alert.site is None:
+            return None
+        return self.channel(alert.site).record((alert,))
+
+    def snapshot(self, site: str) -> Snapshot:
+        """The most recent alerts of the site, oldest first."""
+        channel = self.channel(site)
+        recent = channel.since(max(channel.version - ALERT_SNAPSHOT, self._base)) or []
+        members = tuple(m for delta in recent for m in delta.changes)
+        return Snapshot(channel.name, channel.version, members)
+
+
+def alerts_name(site: str) -> str:
+    return f"alerts:{site}"
 
 
 def _terminal(device: str, held: _Device) -> TerminalMember:

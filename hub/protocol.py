@@ -173,16 +173,46 @@ class TerminalMember(msgspec.Struct):
     since: str
 
 
+class AlertMember(msgspec.Struct, omit_defaults=True):
+    """An alert in an ``alerts:`` snapshot: the ``alert`` frame's fields."""
+
+    id: str
+    kind: str
+    severity: str
+    at: str
+    message: str
+    detail: dict[str, Any]
+    raised_at: str
+    employee: str | None = None
+    site: str | None = None
+
+
 class Snapshot(_ServerFrame, tag="snapshot"):
     channel: str
     version: int
-    members: list[PresenceMember | TerminalMember]
+    members: list[PresenceMember | TerminalMember | AlertMember]
 
 
 class Delta(_ServerFrame, tag="delta"):
     channel: str
     version: int
     changes: list[PresenceMember | TerminalMember]
+
+
+class Alert(_ServerFrame, tag="alert", omit_defaults=True):
+    """An alert, on ``alerts:<site>`` (with that channel's ``version``) or on ``me``."""
+
+    channel: str
+    id: str
+    kind: str
+    severity: str
+    at: str
+    message: str
+    detail: dict[str, Any]
+    raised_at: str
+    employee: str | None = None
+    site: str | None = None
+    version: int | None = None
 
 
 class Notice(_ServerFrame, tag="notice"):
@@ -207,6 +237,7 @@ ServerFrame = (
     | Snapshot
     | Delta
     | Notice
+    | Alert
 )
 
 

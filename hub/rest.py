@@ -60,6 +60,8 @@ DEFAULT_PAGE = 1000
 MAX_AUDIT_PAGE = 1000
 DEFAULT_AUDIT_PAGE = 100
 MAX_AUDIT_FILTER = 200
+DEFAULT_ALERTS = 100
+MAX_ALERTS = 1000
 # The longest period one timesheet request covers.
 MAX_TIMESHEET_DAYS = 92
 
@@ -766,6 +768,38 @@ class Api:
             return _timesheet_csv(sheet)
         return json_response({"rows": [_timesheet_json(employee, day) for employee, day in sheet]})
 
+    # -- alerts ----------------------------------------------------------------
+
+    async def list_alerts(self, request: Request) -> Response:
+        claims = await self.claims(request, "admin", "supervisor", "employee")
+        query = request.query_params
+        site, employee = query.get("site"), query.get("employee")
+        for name, value in (("site", site), ("employee", employee)):
+            if value is not None and not is_entity_id(value):
+                raise ApiError(400, f"`{name}` is not a valid id")
+        if claims.role == "employee":
+            if employee not in (None, claims.employee):
+                raise ApiError(403, "an employee token reads only its own alerts")
+            employee = claims.employee
+        sites: list[str] | None = None
+        if claims.role == "supervisor" and "*" not in claims.sites:
+            if site is not None and site not in claims.sites:
+                raise ApiError(403, f"this token does not cover site {site!r}")
+            sites = list(claims.sites)
+        limit = _int_param(query.get("limit"), "limit", DEFAULT_ALERTS, 1, MAX_ALERTS)
+        since = _time_param(query.get("since"), "since")
+        async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
+            rows = await store.list_alerts(
+                conn,
+                claims.tenant,
+                site=site,
+                sites=sites,
+                employee=employee,
+                since=since,
+                limit=limit,
+            )
+        return json_response({"alerts": [_alert_json(row) for row in rows]})
+
     # -- audit log ------------------------------------------------------------
 
     async def list_audit(self, request: Request) -> Response:
@@ -840,6 +874,22 @@ def _with_utc_instant(moment: datetime, name: str) -> datetime:
     except OverflowError:
         raise ApiError(400, f"`{name}` is outside the range of UTC times") from None
     return moment
+
+
+def _alert_json(row: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": str(row["id"]),
+        "kind": row["kind"],
+        "severity": row["severity"],
+        "at": format_time(row["at"]),
+        "message": row["message"],
+        "detail": row["detail"],
+        "raised_at": format_time(row["raised_at"]),
+    }
+    for key in ("employee", "site"):
+        if row[key] is not None:
+            body[key] = row[key]
+    return body
 
 
 def _date_param(raw: str | None, name: str) -> date:

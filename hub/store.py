@@ -521,3 +521,33 @@ async def punches_between(
         start,
         end,
     )
+
+
+async def list_alerts(
+    conn: Conn,
+    tenant: str,
+    *,
+    site: str | None,
+    sites: list[str] | None,
+    employee: str | None,
+    since: datetime | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Stored alerts, newest first; ``sites`` limits a supervisor to its own."""
+    return await conn.fetch(
+        """SELECT id, kind, severity, employee, site, at, message, detail, raised_at
+             FROM alerts
+            WHERE tenant = $1
+              AND ($2::text IS NULL OR site = $2)
+              AND ($3::text[] IS NULL OR site = ANY($3))
+              AND ($4::text IS NULL OR employee = $4)
+              AND ($5::timestamptz IS NULL OR raised_at >= $5)
+            ORDER BY raised_at DESC, id DESC
+            LIMIT $6""",
+        tenant,
+        site,
+        sites,
+        employee,
+        since,
+        limit,
+    )

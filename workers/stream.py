@@ -35,8 +35,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from hub import metrics
 from hub.broker import ENCODER, EVENTS_MAX, PUNCH_DECODER, AckMessage, event_fields
-from hub.events import PunchesCommitted
+from hub.events import Alert, AlertsRaised, PunchesCommitted
 from hub.redis_keys import WORKER_GROUP, RedisKeys
+from workers.checks import Checker
 from workers.persist import (
     PunchOutcome,
     PunchRequest,
@@ -71,8 +72,10 @@ class StreamWorker:
         batch_max: int,
         claim_idle_ms: int,
         max_deliveries: int,
+        checker: Checker,
     ) -> None:
         self.name = name
+        self._checker = checker
         self._redis = redis
         self._keys = keys
         self._pool = pool
@@ -185,6 +188,19 @@ class StreamWorker:
                 )
             for hub, answers in by_hub.items():
                 pipe.publish(self._keys.acks(hub), ENCODER.encode(answers))
+            await pipe.execute()
+            # Answered; checked after, so that checking never delays an ack, and before
+            # the entries are acknowledged, so that a worker dying in between leaves them
+            # to be checked again.
+            alerts = await self._check(requests, outcomes)
+            pipe = self._redis.pipeline(transaction=False)
+            if alerts:
+                pipe.xadd(
+                    self._keys.presence,
+                    event_fields(AlertsRaised(alerts)),
+                    maxlen=EVENTS_MAX,
+                    approximate=True,
+                )
             done = [entry.id for entry in good]
             pipe.xack(self._keys.punches, WORKER_GROUP, *done)
             # Answered: nobody needs them any more, and the stream stays small.
@@ -194,6 +210,21 @@ class StreamWorker:
             # Not acknowledged: read again later (by this worker or the janitor), committed
             # again as a no-op, and answered then.
             log.warning("committed %d punches but could not answer: %s", len(good), exc)
+
+    async def _check(
+        self, requests: list[PunchRequest], outcomes: list[PunchOutcome | Exception]
+    ) -> list[Alert]:
+        committed = [
+            (request, outcome)
+            for request, outcome in zip(requests, outcomes, strict=True)
+            if isinstance(outcome, PunchOutcome)
+        ]
+        try:
+            return await self._checker.check(committed)
+        except Exception:
+            # The punches are stored and answered; only their alerts are missing.
+            log.exception("the fraud checks failed on a batch of %d punches", len(committed))
+            return []
 
     async def _janitor(self) -> None:
         while not self._stopping.is_set():

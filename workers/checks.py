@@ -1,0 +1,273 @@
+"""The fraud checks on committed punches: history from PostgreSQL, the pure checks of
+``workers/fraud.py``, and the alerts they raise stored once.
+
+Run by whatever committed the batch (the in-process batcher's hub, or a stream worker),
+after the punches are acked: checking never delays an ack. An alert's id is derived from
+its kind and its punch, so a batch checked twice (a worker died before acknowledging its
+stream entries, and another took them over) stores and announces nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from hub import store
+from hub.config import Settings
+from hub.events import Alert
+from hub.types import Conn
+from workers.fraud import Finding, Row, Thresholds, arrays, check
+from workers.persist import PunchOutcome, PunchRequest
+
+log = logging.getLogger(__name__)
+
+# Alert ids: uuid5 of tenant, kind and punch in this namespace.
+ALERT_NAMESPACE: Final = uuid.UUID("5d4c3b2a-1f0e-4d6c-9b8a-7f6e5d4c3b2a")
+
+SEVERITY: Final = {
+    "buddy_punch": "warning",
+    "geofence": "warning",
+    "impossible_travel": "critical",
+    "clock_skew": "warning",
+    "rapid_repeat": "info",
+    "unusual_time": "info",
+}
+
+# The punches of the batch's employees that the checks compare with: the last ones before
+# each (up to the history limit, within the history window).
+HISTORY_SQL: Final = """
+SELECT p.id, p.employee, p.kind, p.at, p.received_at, p.site, p.device, p.lat, p.lon,
+       p.accuracy_m, p.offline, p.source
+  FROM unnest($2::text[]) AS e(id)
+  CROSS JOIN LATERAL (
+        SELECT * FROM punches q
+         WHERE q.tenant = $1 AND q.employee = e.id AND q.at >= $3 AND q.at <= $4
+         ORDER BY q.at DESC
+         LIMIT $5
+  ) p
+"""
+
+# Punches on the batch's devices around each of its punches (a colleague's turn before).
+NEIGHBOURS_SQL: Final = """
+SELECT p.id, p.employee, p.kind, p.at, p.received_at, p.site, p.device, p.lat, p.lon,
+       p.accuracy_m, p.offline, p.source
+  FROM unnest($2::text[], $3::timestamptz[]) AS n(device, at)
+  CROSS JOIN LATERAL (
+        SELECT * FROM punches q
+         WHERE q.tenant = $1 AND q.at BETWEEN n.at - $4::interval AND n.at
+           AND q.device = n.device
+  ) p
+"""
+
+SITES_SQL: Final = """
+SELECT id, timezone, lat, lon, radius_m, policy FROM sites WHERE tenant = $1 AND id = ANY($2)
+"""
+
+INSERT_SQL: Final = """
+INSERT INTO alerts (tenant, id, kind, severity, employee, site, at, message, detail, punch,
+                    raised_at)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::timestamptz[], $8::text[], $9::jsonb[], $10::uuid[], $11::timestamptz[])
+ON CONFLICT (tenant, id) DO NOTHING
+RETURNING id
+"""
+
+
+class Checker:
+    """Checks committed batches; ``history_days`` and ``history_max`` bound what each
+    punch is compared with."""
+
+    @classmethod
+    def from_settings(cls, pool: asyncpg.Pool, settings: Settings) -> Checker:
+        return cls(
+            pool,
+            settings.fraud,
+            history_days=settings.check_history_days,
+            history_max=settings.check_history_max,
+        )
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        thresholds: Thresholds,
+        *,
+        history_days: float = 14.0,
+        history_max: int = 64,
+    ) -> None:
+        self._pool = pool
+        self._thresholds = thresholds
+        self._history = timedelta(days=history_days)
+        self._history_max = history_max
+
+    async def check(self, stored: Sequence[tuple[PunchRequest, PunchOutcome]]) -> list[Alert]:
+        """The alerts newly raised by these committed punches.
+
+        Duplicates are checked again: one may be the redelivery of a batch whose checks
+        never ran (its worker died after answering). What they raise was stored already
+        if the checks did run, and is not raised again.
+        """
+        fresh: dict[str, list[tuple[PunchRequest, PunchOutcome]]] = {}
+        for request, outcome in stored:
+            if outcome.status in ("accepted", "duplicate"):
+                fresh.setdefault(request.tenant, []).append((request, outcome))
+        raised: list[Alert] = []
+        for tenant, batch in fresh.items():
+            async with store.tenant_transaction(self._pool, tenant) as conn:
+                raised += await self._check_tenant(conn, tenant, batch)
+        return raised
+
+    async def _check_tenant(
+        self, conn: Conn, tenant: str, batch: list[tuple[PunchRequest, PunchOutcome]]
+    ) -> list[Alert]:
+        ats = [request.at for request, _ in batch]
+        employees = sorted({outcome.employee for _, outcome in batch if outcome.employee})
+        history = await conn.fetch(
+            HISTORY_SQL,
+            tenant,
+            employees,
+            min(ats) - self._history,
+            max(ats),
+            self._history_max,
+        )
+        devices = [
+            (r.device, r.at) for r, o in batch if r.device is not None and r.source != "manual"
+        ]
+        neighbours = await conn.fetch(
+            NEIGHBOURS_SQL,
+            tenant,
+            [device for device, _ in devices],
+            [at for _, at in devices],
+            timedelta(seconds=self._thresholds.buddy_gap_s),
+        )
+        new_ids = {request.id for request, _ in batch}
+        past: dict[uuid.UUID, asyncpg.Record] = {}
+        for record in [*history, *neighbours]:
+            if record["id"] not in new_ids:
+                past[record["id"]] = record
+        site_ids = sorted(
+            {str(o.site) for _, o in batch} | {record["site"] for record in past.values()}
+        )
+        sites = {s["id"]: s for s in await conn.fetch(SITES_SQL, tenant, site_ids)}
+        rows = [_row_of(record, sites, new=False) for record in past.values()]
+        rows += [_new_row(request, outcome, sites) for request, outcome in batch]
+        findings = check(arrays(rows), self._thresholds)
+        if not findings:
+            return []
+        now = datetime.now(UTC)
+        offset = len(past)
+        alerts = [_alert(tenant, f, *batch[f.index - offset], now) for f in findings]
+        inserted = await conn.fetch(
+            INSERT_SQL,
+            [a.tenant for a in alerts],
+            [a.id for a in alerts],
+            [a.kind for a in alerts],
+            [a.severity for a in alerts],
+            [a.employee for a in alerts],
+            [a.site for a in alerts],
+            [a.at for a in alerts],
+            [a.message for a in alerts],
+            [a.detail for a in alerts],
+            [batch[f.index - offset][0].id for f in findings],
+            [a.raised_at for a in alerts],
+        )
+        kept = {record["id"] for record in inserted}
+        return [a for a in alerts if a.id in kept]
+
+
+def _local_minute(at: datetime, timezone: str) -> float:
+    local = at.astimezone(ZoneInfo(timezone))
+    return local.hour * 60 + local.minute + local.second / 60
+
+
+def _site_fields(site: asyncpg.Record | None) -> dict[str, Any]:
+    if site is None:
+        return {"geofence": "off"}
+    policy = site["policy"] or {}
+    return {
+        "site_lat": site["lat"],
+        "site_lon": site["lon"],
+        "site_radius": site["radius_m"],
+        "geofence": policy.get("geofence") or "flag",
+    }
+
+
+def _row_of(record: asyncpg.Record, sites: dict[str, asyncpg.Record], *, new: bool) -> Row:
+    site = sites.get(record["site"])
+    timezone = "UTC" if site is None else site["timezone"]
+    return Row(
+        employee=record["employee"],
+        kind=record["kind"],
+        at=record["at"].timestamp(),
+        received=record["received_at"].timestamp(),
+        site=record["site"],
+        local_minute=_local_minute(record["at"], timezone),
+        new=new,
+        device=None if record["source"] == "manual" else record["device"],
+        offline=record["offline"],
+        manual=record["source"] == "manual",
+        lat=record["lat"],
+        lon=record["lon"],
+        accuracy=record["accuracy_m"],
+        **_site_fields(site),
+    )
+
+
+def _new_row(request: PunchRequest, outcome: PunchOutcome, sites: dict[str, Any]) -> Row:
+    assert outcome.employee is not None and outcome.site is not None
+    site = sites.get(outcome.site)
+    timezone = "UTC" if site is None else site["timezone"]
+    manual = request.source == "manual"
+    return Row(
+        employee=outcome.employee,
+        kind=request.kind,
+        at=request.at.timestamp(),
+        received=request.received_at.timestamp(),
+        site=outcome.site,
+        local_minute=_local_minute(request.at, timezone),
+        new=True,
+        device=None if manual else request.device,
+        offline=request.offline,
+        manual=manual,
+        lat=request.lat,
+        lon=request.lon,
+        accuracy=request.accuracy_m,
+        **_site_fields(site),
+    )
+
+
+MESSAGES: Final = {
+    "buddy_punch": "{employee} was punched {gap_s} s after another punch ({reason})",
+    "geofence": "{employee} punched {distance_m} m from the site's centre ({reason})",
+    "impossible_travel": "{employee} would have travelled {distance_km} km at {speed_kmh} km/h",
+    "clock_skew": "the device's clock is {offset_s} s off the server's",
+    "rapid_repeat": "{employee} punched the same again after {gap_s} s",
+    "unusual_time": "{employee} punched far from their usual time of day",
+}
+
+
+def _alert(
+    tenant: str, finding: Finding, request: PunchRequest, outcome: PunchOutcome, now: datetime
+) -> Alert:
+    employee = outcome.employee
+    detail: dict[str, Any] = {**finding.detail, "punch": str(request.id), "kind": request.kind}
+    if request.device is not None:
+        detail["device"] = request.device
+    message = MESSAGES[finding.kind].format(employee=employee, **finding.detail)
+    return Alert(
+        tenant=tenant,
+        id=uuid.uuid5(ALERT_NAMESPACE, f"{tenant}/{finding.kind}/{request.id}"),
+        kind=finding.kind,
+        severity=SEVERITY[finding.kind],
+        employee=employee,
+        site=outcome.site,
+        at=request.at,
+        message=message,
+        detail=detail,
+        raised_at=now,
+    )
