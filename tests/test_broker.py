@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -22,6 +22,7 @@ import hub.broker
 from hub.broker import ENCODER, Broker, LocalBroker, RedisBroker
 from hub.config import Settings
 from hub.events import (
+    AlertsRaised,
     ClockTicked,
     EmployeeRenamed,
     HubGone,
@@ -229,6 +230,27 @@ async def test_published_events_come_back_to_be_applied_in_order(rig: Rig, tenan
             break
         await asyncio.sleep(0.01)
     assert rig.events == events
+
+
+async def test_committed_punches_are_checked_and_their_alerts_come_back_once(
+    rig: Rig, tenant: str, owner: asyncpg.Connection
+) -> None:
+    # The device's clock is an hour slow: clock skew.
+    skewed = request(tenant, at=datetime.now(UTC) - timedelta(hours=1))
+    assert (await submit(rig.broker, skewed)).status == "accepted"
+    resent = skewed._replace(received_at=datetime.now(UTC))
+    assert (await submit(rig.broker, resent)).status == "duplicate"
+    for _ in range(500):
+        if any(isinstance(e, AlertsRaised) for e in rig.events):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    raised = [a for e in rig.events if isinstance(e, AlertsRaised) for a in e.alerts]
+    assert [(a.kind, a.employee, a.detail["punch"]) for a in raised] == [
+        ("clock_skew", "e1", str(skewed.id))
+    ]
+    stored = await owner.fetch("SELECT kind FROM alerts WHERE tenant = $1", tenant)
+    assert [r["kind"] for r in stored] == ["clock_skew"]
 
 
 async def test_stopping_answers_what_waits(rig: Rig, tenant: str) -> None:

@@ -1,0 +1,161 @@
+"""Alerts on a real hub: punches that the fraud checks find suspicious raise alerts that are
+stored once, listed by `GET /v1/alerts`, and pushed on `alerts:<site>` and the employee's
+`me`, as versions a reconnecting supervisor can recover."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.support import Client, TenantKit, punch_frame
+from tests.test_presence_live import subscribe, watcher
+
+pytestmark = pytest.mark.postgres
+
+
+def ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
+
+
+async def next_alert(client: Client, timeout: float = 10) -> dict[str, Any]:
+    """The next `alert` frame (acks and other frames on the way are passed over)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        frame = await client.recv(timeout=max(0.1, deadline - asyncio.get_running_loop().time()))
+        if frame["type"] == "alert":
+            return frame
+
+
+async def test_a_buddy_punch_is_stored_listed_and_pushed(tenant: TenantKit) -> None:
+    lead = await watcher(tenant)
+    subscribed = await subscribe(lead, "alerts:hq")
+    snapshot = await lead.recv()
+    assert (snapshot["type"], snapshot["members"]) == ("snapshot", [])
+    phone = await tenant.connect(tenant.token("employee", "phone-e2", employee="e2"))
+    await subscribe(phone, "me")
+    await phone.recv()
+    door = await tenant.connect()
+    # e2 badged half a second after e1 on the same reader.
+    first = punch_frame("e1", at=ago(10.5))
+    second = punch_frame("e2", at=ago(10.0))
+    assert (await door.punch(first))["status"] == "accepted"
+    assert (await door.punch(second))["status"] == "accepted"
+    alert = await next_alert(lead)
+    assert alert == {
+        "type": "alert",
+        "channel": "alerts:hq",
+        "version": subscribed["version"] + 1,
+        "id": alert["id"],
+        "kind": "buddy_punch",
+        "severity": "warning",
+        "employee": "e2",
+        "site": "hq",
+        "at": alert["at"],
+        "message": alert["message"],
+        "detail": {
+            "reason": "one_device",
+            "gap_s": 0.5,
+            "punch": second["id"],
+            "kind": "in",
+            "device": "door",
+        },
+        "raised_at": alert["raised_at"],
+    }
+    # The employee's phone hears it too.
+    mine = await next_alert(phone)
+    assert (mine["channel"], mine["id"], mine.get("version")) == ("me", alert["id"], None)
+    # Listed, newest first, for the roles that may see it.
+    listed = (await tenant.http.get("/v1/alerts", params={"site": "hq"})).json()["alerts"]
+    assert listed[0]["id"] == alert["id"]
+    assert {k: v for k, v in listed[0].items()} == {
+        k: v for k, v in alert.items() if k not in ("type", "channel", "version")
+    }
+    own = tenant.token("employee", "phone-e1", employee="e1")
+    response = await tenant.http.get("/v1/alerts", headers={"authorization": f"Bearer {own}"})
+    assert response.status_code == 200 and response.json()["alerts"] == []
+    elsewhere = tenant.token("supervisor", "lead", sites=["plant"])
+    response = await tenant.http.get(
+        "/v1/alerts", params={"site": "hq"}, headers={"authorization": f"Bearer {elsewhere}"}
+    )
+    assert response.status_code == 403
+    # A supervisor who missed it recovers it by version.
+    await lead.close()
+    again = await watcher(tenant)
+    recovered = await subscribe(again, "alerts:hq", since=subscribed["version"])
+    assert (recovered["recovered"], recovered["version"]) == (True, alert["version"])
+    assert (await again.recv())["id"] == alert["id"]
+    # A fresh subscriber sees it in the snapshot.
+    fresh = await watcher(tenant)
+    await subscribe(fresh, "alerts:hq")
+    assert [m["id"] for m in (await fresh.recv())["members"]] == [alert["id"]]
+    for client in (again, fresh, phone, door):
+        await client.close()
+
+
+async def test_a_resent_punch_raises_nothing_twice_and_its_clock_offset_is_kept(
+    tenant: TenantKit,
+) -> None:
+    lead = await watcher(tenant)
+    await subscribe(lead, "alerts:hq")
+    await lead.recv()
+    door = await tenant.connect()
+    # The terminal's clock is half an hour slow.
+    skewed = punch_frame("e3", at=ago(1800))
+    assert (await door.punch(skewed))["status"] == "accepted"
+    alert = await next_alert(lead)
+    assert (alert["kind"], alert["employee"]) == ("clock_skew", "e3")
+    assert 1790 < alert["detail"]["offset_s"] < 1830
+    assert (await door.punch(skewed))["status"] == "duplicate"
+    with pytest.raises(TimeoutError):
+        await next_alert(lead, timeout=1.5)
+    listed = (await tenant.http.get("/v1/alerts")).json()["alerts"]
+    assert [a["kind"] for a in listed] == ["clock_skew"]
+    conn = await asyncpg.connect(tenant.dsn)
+    try:
+        offset = await conn.fetchval(
+            "SELECT clock_offset_ms FROM punches WHERE tenant = $1 AND id = $2::uuid",
+            tenant.slug,
+            skewed["id"],
+        )
+    finally:
+        await conn.close()
+    assert 1_790_000 < offset < 1_830_000
+    # Queued offline: the offset is not the clock's, and nothing is raised.
+    queued = punch_frame("e3", kind="out", at=ago(900), offline=True)
+    assert (await door.punch(queued))["status"] == "accepted"
+    with pytest.raises(TimeoutError):
+        await next_alert(lead, timeout=1.5)
+    await door.close()
+    await lead.close()
+
+
+async def test_geofence_flags_a_phone_punch_from_outside_the_site(tenant: TenantKit) -> None:
+    site = {"name": "HQ", "timezone": "UTC", "lat": 52.52, "lon": 13.405, "radius_m": 150}
+    assert (await tenant.http.put("/v1/sites/hq", json=site)).status_code == 200
+    lead = await watcher(tenant)
+    await subscribe(lead, "alerts:hq")
+    await lead.recv()
+    phone = await tenant.connect(tenant.token("employee", "phone-e1", employee="e1"))
+    at_home = punch_frame("e1", geo={"lat": 52.60, "lon": 13.405, "accuracy_m": 15})
+    assert (await phone.punch(at_home))["status"] == "accepted"
+    alert = await next_alert(lead)
+    assert (alert["kind"], alert["detail"]["reason"]) == ("geofence", "outside")
+    assert 8_000 < alert["detail"]["distance_m"] < 9_500
+    await phone.close()
+    await lead.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [({"since": "yesterday"}, 400), ({"limit": "0"}, 400), ({"site": "no such!"}, 400)],
+)
+async def test_bad_alert_queries_are_refused(
+    tenant: TenantKit, params: dict[str, str], status: int
+) -> None:
+    response = await tenant.http.get("/v1/alerts", params=params)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == "invalid"
