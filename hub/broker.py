@@ -147,6 +147,7 @@ class LocalBroker:
             wait_ms=settings.batch_wait_ms,
             concurrency=settings.batch_concurrency,
             on_committed=self._committed,
+            geofence_accuracy_m=settings.fraud.geofence_accuracy_m,
         )
         self._checker = Checker.from_settings(pool, settings)
         self._to_check: asyncio.Queue[list[tuple[PunchRequest, PunchOutcome]]] = asyncio.Queue()

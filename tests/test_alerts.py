@@ -5,6 +5,7 @@ stored once, listed by `GET /v1/alerts`, and pushed on `alerts:<site>` and the e
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -159,3 +160,41 @@ async def test_bad_alert_queries_are_refused(
     response = await tenant.http.get("/v1/alerts", params=params)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == "invalid"
+
+
+async def test_an_enforced_geofence_refuses_a_phone_punch_from_outside(tenant: TenantKit) -> None:
+    site = {
+        "name": "HQ",
+        "timezone": "UTC",
+        "lat": 52.52,
+        "lon": 13.405,
+        "radius_m": 150,
+        "policy": {"geofence": "enforce"},
+    }
+    assert (await tenant.http.put("/v1/sites/hq", json=site)).status_code == 200
+    phone = await tenant.connect(tenant.token("employee", "phone-e1", employee="e1"))
+    at_home = punch_frame("e1", geo={"lat": 52.60, "lon": 13.405, "accuracy_m": 15})
+    ack = await phone.punch(at_home)
+    assert (ack["status"], ack["reason"]) == ("rejected", "geofence")
+    vague = punch_frame("e1", geo={"lat": 52.52, "lon": 13.405, "accuracy_m": 2000})
+    ack = await phone.punch(vague)
+    assert (ack["status"], ack["reason"]) == ("rejected", "geofence")
+    at_work = punch_frame("e1", geo={"lat": 52.5205, "lon": 13.4052, "accuracy_m": 15})
+    assert (await phone.punch(at_work))["status"] == "accepted"
+    assert set(await tenant.stored(at_home["id"], vague["id"], at_work["id"])) == {at_work["id"]}
+    # A terminal's punch has no position: the fence does not apply.
+    door = await tenant.connect()
+    assert (await door.punch(punch_frame("e2")))["status"] == "accepted"
+    # Neither does a supervisor's correction, which may place a punch anywhere.
+    correction = {
+        "id": str(uuid.uuid4()),
+        "employee": "e1",
+        "kind": "out",
+        "at": ago(5),
+        "reason": "left from the car park",
+        "geo": {"lat": 52.60, "lon": 13.405, "accuracy_m": 15},
+    }
+    response = await tenant.http.post("/v1/punches", json=correction)
+    assert response.status_code == 201, response.text
+    await phone.close()
+    await door.close()

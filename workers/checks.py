@@ -101,7 +101,7 @@ class Checker:
         history_max: int = 64,
     ) -> None:
         self._pool = pool
-        self._thresholds = thresholds
+        self.thresholds = thresholds
         self._history = timedelta(days=history_days)
         self._history_max = history_max
 
@@ -143,7 +143,7 @@ class Checker:
             tenant,
             [device for device, _ in devices],
             [at for _, at in devices],
-            timedelta(seconds=self._thresholds.buddy_gap_s),
+            timedelta(seconds=self.thresholds.buddy_gap_s),
         )
         new_ids = {request.id for request, _ in batch}
         past: dict[uuid.UUID, asyncpg.Record] = {}
@@ -156,7 +156,7 @@ class Checker:
         sites = {s["id"]: s for s in await conn.fetch(SITES_SQL, tenant, site_ids)}
         rows = [_row_of(record, sites, new=False) for record in past.values()]
         rows += [_new_row(request, outcome, sites) for request, outcome in batch]
-        findings = check(arrays(rows), self._thresholds)
+        findings = check(arrays(rows), self.thresholds)
         if not findings:
             return []
         now = datetime.now(UTC)

@@ -26,6 +26,7 @@ import msgspec
 from hub import metrics
 from hub.store import act_for_tenants
 from hub.types import Conn
+from workers.fraud import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,13 @@ class _Pending(NamedTuple):
 # punch: as a plain join the planner hashed all of `employees` for every batch, and its plan
 # depended on the estimated batch size. It returns one row per input punch, in order: its resolved
 # employee and site, and (the same on every row) how many punches were inserted.
+# Positions less precise than this cannot tell in from out (ATTENDANCE_FRAUD_GEOFENCE_ACCURACY_M).
+GEOFENCE_ACCURACY_M: Final = Thresholds().geofence_accuracy_m
+
 _COMMIT_SQL: Final = """
 WITH input AS (
-    SELECT i.*, e.id AS resolved, COALESCE(i.site, e.site) AS resolved_site, e.name
+    SELECT i.*, e.id AS resolved, COALESCE(i.site, e.site) AS resolved_site, e.name,
+           COALESCE(g.fenced, false) AS fenced
       FROM unnest($1::punch_input[]) WITH ORDINALITY AS i
       LEFT JOIN LATERAL (
             SELECT by_id.id, by_id.site, by_id.name FROM employees by_id
@@ -105,6 +110,19 @@ WITH input AS (
              WHERE i.employee IS NULL AND by_badge.tenant = i.tenant
                AND by_badge.badge = i.badge AND by_badge.erased_at IS NULL
       ) e ON true
+      -- Only punches with a position, not entered by hand, at a site that enforces its
+      -- geofence: outside the radius, or too vague to tell ($2: the worst accuracy).
+      LEFT JOIN LATERAL (
+            SELECT i.accuracy_m > $2 OR 2 * 6371000 * asin(sqrt(least(1,
+                       sin(radians(i.lat - s.lat) / 2) ^ 2
+                       + cos(radians(s.lat)) * cos(radians(i.lat))
+                         * sin(radians(i.lon - s.lon) / 2) ^ 2))) > s.radius_m AS fenced
+              FROM sites s
+             WHERE i.lat IS NOT NULL AND i.lon IS NOT NULL AND i.source <> 'manual'
+               AND s.tenant = i.tenant AND s.id = COALESCE(i.site, e.site)
+               AND s.policy->>'geofence' = 'enforce' AND s.radius_m IS NOT NULL
+               AND s.lat IS NOT NULL AND s.lon IS NOT NULL
+      ) g ON true
 ), inserted AS (
     INSERT INTO punches (tenant, id, employee, kind, at, received_at, site, device, method,
                          lat, lon, accuracy_m, offline, seq, source, reason, actor)
@@ -113,11 +131,12 @@ WITH input AS (
            lat, lon, accuracy_m, offline, seq, source, reason, actor
       FROM input
      WHERE resolved IS NOT NULL AND (only_employee IS NULL OR resolved = only_employee)
+       AND NOT fenced
      ORDER BY tenant, id, ordinality
     ON CONFLICT (tenant, id) DO NOTHING
     RETURNING 1
 )
-SELECT resolved, resolved_site, name, (SELECT count(*) FROM inserted) AS inserted
+SELECT resolved, resolved_site, name, fenced, (SELECT count(*) FROM inserted) AS inserted
   FROM input
  ORDER BY ordinality
 """
@@ -159,8 +178,10 @@ class PunchBatcher:
         wait_ms: int = 1,
         concurrency: int = 3,
         on_committed: Committed | None = None,
+        geofence_accuracy_m: float = GEOFENCE_ACCURACY_M,
     ) -> None:
         self._pool = pool
+        self._geofence_accuracy_m = geofence_accuracy_m
         self._on_committed = on_committed
         self._max_batch = max_batch
         self._wait_s = wait_ms / 1000
@@ -239,7 +260,11 @@ class PunchBatcher:
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
             try:
-                outcomes = await commit_punches(self._pool, [p.request for p in batch])
+                outcomes = await commit_punches(
+                    self._pool,
+                    [p.request for p in batch],
+                    geofence_accuracy_m=self._geofence_accuracy_m,
+                )
             except StoreUnavailable as exc:
                 for pending in batch:
                     pending.reply(exc)
@@ -275,7 +300,10 @@ def accepted(
 
 
 async def commit_punches(
-    pool: asyncpg.Pool, requests: list[PunchRequest]
+    pool: asyncpg.Pool,
+    requests: list[PunchRequest],
+    *,
+    geofence_accuracy_m: float = GEOFENCE_ACCURACY_M,
 ) -> list[PunchOutcome | Exception]:
     """Commit a batch of punches and say what became of each, in order; counted in metrics.
 
@@ -286,7 +314,7 @@ async def commit_punches(
     started = time.perf_counter()
     outcomes: list[PunchOutcome | Exception]
     try:
-        outcomes = list(await _commit_batch(pool, requests))
+        outcomes = list(await _commit_batch(pool, requests, geofence_accuracy_m))
     except _CONNECTION_ERRORS as exc:
         metrics.BATCH_FAILURES.labels("unavailable").inc()
         log.warning("punch batch of %d not committed: %s", len(requests), exc)
@@ -294,7 +322,7 @@ async def commit_punches(
     except asyncpg.PostgresError as exc:
         metrics.BATCH_FAILURES.labels("split").inc()
         log.warning("punch batch of %d failed (%s); retrying one by one", len(requests), exc)
-        outcomes = await _commit_singly(pool, requests)
+        outcomes = await _commit_singly(pool, requests, geofence_accuracy_m)
     except Exception:
         metrics.BATCH_FAILURES.labels("internal").inc()
         log.exception("punch batch of %d failed", len(requests))
@@ -308,12 +336,12 @@ async def commit_punches(
 
 
 async def _commit_singly(
-    pool: asyncpg.Pool, requests: list[PunchRequest]
+    pool: asyncpg.Pool, requests: list[PunchRequest], geofence_accuracy_m: float
 ) -> list[PunchOutcome | Exception]:
     results: list[PunchOutcome | Exception] = []
     for request in requests:
         try:
-            results.extend(await _commit_batch(pool, [request]))
+            results.extend(await _commit_batch(pool, [request], geofence_accuracy_m))
         except _CONNECTION_ERRORS as exc:
             results.append(StoreUnavailable(str(exc) or type(exc).__name__))
         except asyncpg.PostgresError as exc:
@@ -322,7 +350,9 @@ async def _commit_singly(
     return results
 
 
-async def _commit_batch(pool: asyncpg.Pool, requests: list[PunchRequest]) -> list[PunchOutcome]:
+async def _commit_batch(
+    pool: asyncpg.Pool, requests: list[PunchRequest], geofence_accuracy_m: float
+) -> list[PunchOutcome]:
     async with pool.acquire() as conn:
         # Row-level security lets this session touch only the batch's tenants. Set for
         # the session, not a transaction, so that the batch statement needs no
@@ -331,11 +361,17 @@ async def _commit_batch(pool: asyncpg.Pool, requests: list[PunchRequest]) -> lis
         # One statement outside a transaction block is its own transaction, committed at
         # the protocol's Sync; asyncpg hands back the rows only at the ReadyForQuery that
         # follows the commit. So no BEGIN and COMMIT round trips, and no ack before commit.
-        return await store_punches(conn, requests)
+        return await store_punches(conn, requests, geofence_accuracy_m=geofence_accuracy_m)
 
 
-async def store_punches(conn: Conn, requests: list[PunchRequest]) -> list[PunchOutcome]:
+async def store_punches(
+    conn: Conn, requests: list[PunchRequest], *, geofence_accuracy_m: float = GEOFENCE_ACCURACY_M
+) -> list[PunchOutcome]:
     """Resolve, insert and answer punches with one statement on ``conn``.
+
+    At a site whose policy enforces its geofence, a punch with a position outside the
+    radius, or with an accuracy worse than ``geofence_accuracy_m``, is refused (reason
+    ``geofence``); a manual correction never is.
 
     Outside a transaction block the statement commits by itself; inside one (a
     REST correction, audited in the same transaction) it commits with it. The
@@ -344,13 +380,15 @@ async def store_punches(conn: Conn, requests: list[PunchRequest]) -> list[PunchO
     outcomes: list[PunchOutcome] = []
     # Indexes of the punches that resolved to an employee they may punch for.
     eligible: list[int] = []
-    rows = await conn.fetch(_COMMIT_SQL, requests)
+    rows = await conn.fetch(_COMMIT_SQL, requests, geofence_accuracy_m)
     for index, (request, row) in enumerate(zip(requests, rows, strict=True)):
         employee = row["resolved"]
         if employee is None:
             outcomes.append(_rejected(request, "unknown_employee"))
         elif request.only_employee is not None and employee != request.only_employee:
             outcomes.append(_rejected(request, "forbidden"))
+        elif row["fenced"]:
+            outcomes.append(_rejected(request, "geofence"))
         else:
             eligible.append(index)
             outcomes.append(

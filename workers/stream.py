@@ -165,7 +165,11 @@ class StreamWorker:
         requests = [entry.request for entry in good]
         outcomes: list[PunchOutcome | Exception]
         try:
-            outcomes = await commit_punches(self._pool, requests)
+            outcomes = await commit_punches(
+                self._pool,
+                requests,
+                geofence_accuracy_m=self._checker.thresholds.geofence_accuracy_m,
+            )
         except Exception as exc:
             # Unavailable, or a bug: either way not stored, and the clients resend.
             outcomes = [exc] * len(good)
