@@ -29,7 +29,7 @@ from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
-from hub.events import HubGone, HubSockets, PresenceEvent
+from hub.events import AlertsRaised, HubGone, HubSockets, PresenceEvent
 from hub.limits import (
     AddressLimiter,
     FloodMemory,
@@ -47,6 +47,7 @@ from hub.tokens import TokenError, TokenIssuer
 from hub.ws import Connection, websocket_endpoint
 from workers.checks import Checker
 from workers.retention import RetentionJob
+from workers.scan import OvertimeScan
 from workers.stream import StreamWorker
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Hub:
         self._working: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._retention: RetentionJob | None = None
+        self._scanning: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -136,8 +138,13 @@ class Hub:
                 claim_idle_ms=self.settings.claim_idle_ms,
                 max_deliveries=self.settings.max_deliveries,
                 checker=Checker.from_settings(self._pool, self.settings),
+                scan=OvertimeScan(self._system_pool, self.settings.scan_interval_s),
             )
             self._working = asyncio.create_task(worker.run(), name="stream-worker")
+        elif self.settings.redis_url is None:
+            # One process: the scan for what time raises runs here (on Redis, in workers).
+            scan = OvertimeScan(self._system_pool, self.settings.scan_interval_s)
+            self._scanning = asyncio.create_task(self._scan(scan), name="overtime-scan")
         # Retention deletes across tenants: the system pool, not the application role.
         self._retention = RetentionJob(self._system_pool, self.settings)
         self._retention.start()
@@ -152,8 +159,19 @@ class Hub:
             await self._broker.flush()
         await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
 
+    async def _scan(self, scan: OvertimeScan) -> None:
+        while True:
+            await asyncio.sleep(scan.interval_s)
+            try:
+                alerts = await scan.scan()
+            except Exception:
+                log.exception("the overtime scan failed; it runs again in %.0f s", scan.interval_s)
+                continue
+            if alerts:
+                self.presence(AlertsRaised(alerts))
+
     async def stop(self) -> None:
-        for task in (self._following, self._clock):
+        for task in (self._following, self._clock, self._scanning):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

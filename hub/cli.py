@@ -30,6 +30,7 @@ from hub.redis_keys import RedisKeys
 from hub.tokens import TokenIssuer, load_or_create_secret
 from hub.wsproto import HubWebSocketProtocol
 from workers.checks import Checker
+from workers.scan import OvertimeScan
 from workers.stream import StreamWorker
 
 log = logging.getLogger("attendance_hub")
@@ -281,6 +282,8 @@ def run_worker(settings: Settings, name: str | None) -> None:
 async def _work(settings: Settings, redis_url: str, dsn: str, name: str | None) -> None:
     consumer = name or f"{socket.gethostname()}-{os.getpid()}"
     pool = await store.create_pool(dsn, min_size=1, max_size=settings.db_pool_size)
+    # As the DSN's user: the overtime scan looks across tenants.
+    system_pool = await store.create_system_pool(dsn)
     redis = aioredis.Redis.from_url(redis_url)
     worker = StreamWorker(
         redis,
@@ -291,6 +294,7 @@ async def _work(settings: Settings, redis_url: str, dsn: str, name: str | None) 
         claim_idle_ms=settings.claim_idle_ms,
         max_deliveries=settings.max_deliveries,
         checker=Checker.from_settings(pool, settings),
+        scan=OvertimeScan(system_pool, settings.scan_interval_s),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -303,6 +307,7 @@ async def _work(settings: Settings, redis_url: str, dsn: str, name: str | None) 
     finally:
         await redis.aclose()
         await pool.close()
+        await system_pool.close()
 
 
 def _print_demo(base: str, tokens: dict[str, str]) -> None:

@@ -101,6 +101,8 @@ class Settings:
     fraud: Thresholds
     check_history_days: int
     check_history_max: int
+    # How often the overtime scan looks for alerts that time raises.
+    scan_interval_s: int
 
     @property
     def embedded(self) -> bool:
@@ -168,6 +170,7 @@ class Settings:
             fraud=_thresholds(env),
             check_history_days=_int(env, "ATTENDANCE_CHECK_HISTORY_DAYS", 14, minimum=1),
             check_history_max=_int(env, "ATTENDANCE_CHECK_HISTORY_MAX", 64, minimum=1),
+            scan_interval_s=_int(env, "ATTENDANCE_SCAN_INTERVAL_S", 60, minimum=1),
         )
 
 

@@ -33,6 +33,8 @@ class RedisKeys:
         # Held by the hub that writes the checkpoints for a while.
         self.checkpoint_writer = f"{prefix}:presence:checkpoint:writer"
 
+        # Held by the worker that runs the overtime scan this interval.
+        self.scan_lock = f"{prefix}:scan:lock"
         # Every hub's liveness key (``hub``).
         self.hubs_pattern = f"{prefix}:hubs:*"
 

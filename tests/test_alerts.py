@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.support import Client, TenantKit, punch_frame
+from tests.conftest import TEST_SECRET
+from tests.support import (
+    Client,
+    HubProcess,
+    TenantKit,
+    provisioned_tenant,
+    punch_frame,
+    running_hub,
+)
 from tests.test_presence_live import subscribe, watcher
 
 pytestmark = pytest.mark.postgres
@@ -198,3 +207,52 @@ async def test_an_enforced_geofence_refuses_a_phone_punch_from_outside(tenant: T
     assert response.status_code == 201, response.text
     await phone.close()
     await door.close()
+
+
+def afternoon_zone() -> str:
+    """A fixed-offset zone where the local time now is between 13:00 and 14:00."""
+    offset = (13 - datetime.now(UTC).hour + 12) % 24 - 12
+    # The Etc zones count the other way: Etc/GMT-3 is three hours ahead of UTC.
+    return "Etc/GMT" + (f"{-offset:+d}" if offset else "")
+
+
+@pytest.fixture
+def scanning_hub(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    """A hub of its own whose overtime scan runs every second."""
+    env = {
+        "ATTENDANCE_DATABASE_URL": database,
+        "ATTENDANCE_SECRET": TEST_SECRET,
+        "ATTENDANCE_SCAN_INTERVAL_S": "1",
+    }
+    with running_hub(tmp_path_factory.mktemp("scanning-hub"), env) as process:
+        yield process
+
+
+async def test_the_scan_raises_overtime_and_a_missed_meal_break_once(
+    scanning_hub: HubProcess, database: str
+) -> None:
+    async with provisioned_tenant(scanning_hub.base_url, database, TEST_SECRET, "ot") as kit:
+        # A site where it is early afternoon now, so that the shift is all on today.
+        site = {"name": "HQ", "timezone": afternoon_zone(), "policy": {"overtime": "california"}}
+        assert (await kit.http.put("/v1/sites/hq", json=site)).status_code == 200
+        lead = await watcher(kit)
+        await subscribe(lead, "alerts:hq")
+        await lead.recv()
+        door = await kit.connect()
+        # Clocked in eight and a half hours ago (queued offline), no break since.
+        early = punch_frame("e1", at=ago(8.5 * 3600), offline=True)
+        assert (await door.punch(early))["status"] == "accepted"
+        raised = [await next_alert(lead, timeout=5), await next_alert(lead, timeout=5)]
+        assert sorted((a["kind"], a["employee"]) for a in raised) == [
+            ("meal_break", "e1"),
+            ("overtime", "e1"),
+        ]
+        overtime = next(a for a in raised if a["kind"] == "overtime")
+        assert 25 <= overtime["detail"]["overtime_minutes"] <= 35
+        # Scanned again every second: nothing new.
+        with pytest.raises(TimeoutError):
+            await next_alert(lead, timeout=2.5)
+        listed = (await kit.http.get("/v1/alerts")).json()["alerts"]
+        assert sorted(a["kind"] for a in listed) == ["meal_break", "overtime"]
+        await door.close()
+        await lead.close()

@@ -45,6 +45,7 @@ from workers.persist import (
     accepted,
     commit_punches,
 )
+from workers.scan import OvertimeScan
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,11 @@ class StreamWorker:
         claim_idle_ms: int,
         max_deliveries: int,
         checker: Checker,
+        scan: OvertimeScan | None = None,
     ) -> None:
         self.name = name
         self._checker = checker
+        self._scan = scan
         self._redis = redis
         self._keys = keys
         self._pool = pool
@@ -88,6 +91,7 @@ class StreamWorker:
         """Commit punches until ``stop``; returns within about a second of it."""
         await self.ensure_group()
         janitor = asyncio.create_task(self._janitor(), name="stream-janitor")
+        scanning = asyncio.create_task(self._scanning(), name="overtime-scan")
         try:
             # Entries this consumer read before a crash come first (unless they have been
             # read too often: one of them may be what crashed it).
@@ -104,6 +108,7 @@ class StreamWorker:
         finally:
             self._stopping.set()
             await janitor
+            await scanning
 
     def stop(self) -> None:
         """Finish the batch in hand and stop. (Cancelling a Redis command midway can leave
@@ -239,6 +244,30 @@ class StreamWorker:
                 await self.reclaim()
             except (RedisError, OSError) as exc:
                 log.warning("the stream janitor could not look at pending punches: %s", exc)
+
+    async def _scanning(self) -> None:
+        """The periodic overtime scan: one worker per interval (whoever takes the lock)."""
+        scan = self._scan
+        if scan is None:
+            return
+        lock_ms = int(scan.interval_s * 900)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), scan.interval_s)
+                return
+            try:
+                if not await self._redis.set(self._keys.scan_lock, self.name, nx=True, px=lock_ms):
+                    continue
+                alerts = await scan.scan()
+                if alerts:
+                    await self._redis.xadd(
+                        self._keys.presence,
+                        event_fields(AlertsRaised(alerts)),
+                        maxlen=EVENTS_MAX,
+                        approximate=True,
+                    )
+            except Exception:
+                log.exception("the overtime scan failed; it runs again in %.0f s", scan.interval_s)
 
     async def reclaim(self) -> int:
         """Take over entries other consumers left unacknowledged; how many were handled."""

@@ -1,0 +1,135 @@
+"""The periodic scan for the alerts that time raises: overtime, overtime approaching, a
+forgotten clock-out, missed breaks and short rests (the rules: ``workers/overtime.py``).
+
+Every ``interval_s`` it looks at every employee who punched in the last day, across
+tenants (as the database's owner, like retention), with the punches of their last eight
+days and their home site's rules, and stores the alerts not raised before: an alert's id
+is derived from its kind, employee and occasion (the day or the shift).
+
+With one process, the hub runs it; with Redis, every worker does, and a lock in Redis lets
+one of them scan per interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import asyncpg
+
+from hub.events import Alert
+from workers.checks import INSERT_SQL
+from workers.overtime import LiveFinding, live_findings
+from workers.timesheets import Punch, Rules
+
+log = logging.getLogger(__name__)
+
+SCAN_NAMESPACE: Final = uuid.UUID("0b9a8c7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d")
+# Who is looked at: anyone who punched within this, and their punches within the second.
+ACTIVE: Final = timedelta(hours=26)
+HISTORY: Final = timedelta(days=8)
+
+SEVERITY: Final = {
+    "overtime": "warning",
+    "overtime_approaching": "info",
+    "missing_clock_out": "warning",
+    "meal_break": "warning",
+    "rest_period": "warning",
+}
+
+MESSAGES: Final = {
+    "overtime": "{employee} is into overtime today",
+    "overtime_approaching": "{employee} will be into overtime within the hour",
+    "missing_clock_out": "{employee} has been clocked in for {open_hours} hours",
+    "meal_break": "{employee} has had no break in time",
+    "rest_period": "{employee} started a shift after only {rest_hours} hours of rest",
+}
+
+ACTIVE_SQL: Final = """
+SELECT e.tenant, e.id AS employee, e.site, s.timezone, s.policy
+  FROM employees e
+  JOIN sites s ON s.tenant = e.tenant AND s.id = e.site
+ WHERE e.erased_at IS NULL
+   AND EXISTS (SELECT 1 FROM punches p
+                WHERE p.tenant = e.tenant AND p.employee = e.id AND p.at >= $1)
+"""
+
+PUNCHES_SQL: Final = """
+SELECT p.tenant, p.employee, p.kind, p.at
+  FROM unnest($1::text[], $2::text[]) AS w(tenant, employee)
+  JOIN punches p ON p.tenant = w.tenant AND p.employee = w.employee
+ WHERE p.at >= $3
+ ORDER BY p.tenant, p.employee, p.at, p.id
+"""
+
+
+class OvertimeScan:
+    """Finds and stores the alerts time raises; ``pool`` acts as the database's owner."""
+
+    def __init__(self, pool: asyncpg.Pool, interval_s: float = 60.0) -> None:
+        self._pool = pool
+        self.interval_s = interval_s
+
+    async def scan(self, now: datetime | None = None) -> list[Alert]:
+        """The alerts raised now that were not raised before (stored as they are found)."""
+        now = now or datetime.now(UTC)
+        async with self._pool.acquire() as conn:
+            active = await conn.fetch(ACTIVE_SQL, now - ACTIVE)
+            if not active:
+                return []
+            rows = await conn.fetch(
+                PUNCHES_SQL,
+                [a["tenant"] for a in active],
+                [a["employee"] for a in active],
+                now - HISTORY,
+            )
+            punches: dict[tuple[str, str], list[Punch]] = {}
+            for row in rows:
+                punches.setdefault((row["tenant"], row["employee"]), []).append(
+                    Punch(row["at"], row["kind"])
+                )
+            alerts = []
+            for employee in active:
+                policy = employee["policy"] or {}
+                rules = Rules.from_policy(employee["timezone"], policy)
+                key = (employee["tenant"], employee["employee"])
+                for finding in live_findings(
+                    punches.get(key, []), rules, now, eu_wtd=bool(policy.get("eu_wtd"))
+                ):
+                    alerts.append(_alert(employee, finding, now))
+            if not alerts:
+                return []
+            inserted = await conn.fetch(
+                INSERT_SQL,
+                [a.tenant for a in alerts],
+                [a.id for a in alerts],
+                [a.kind for a in alerts],
+                [a.severity for a in alerts],
+                [a.employee for a in alerts],
+                [a.site for a in alerts],
+                [a.at for a in alerts],
+                [a.message for a in alerts],
+                [a.detail for a in alerts],
+                [None] * len(alerts),
+                [a.raised_at for a in alerts],
+            )
+        kept = {record["id"] for record in inserted}
+        return [a for a in alerts if a.id in kept]
+
+
+def _alert(employee: asyncpg.Record, finding: LiveFinding, now: datetime) -> Alert:
+    tenant, who = employee["tenant"], employee["employee"]
+    return Alert(
+        tenant=tenant,
+        id=uuid.uuid5(SCAN_NAMESPACE, f"{tenant}/{finding.kind}/{who}/{finding.key}"),
+        kind=finding.kind,
+        severity=SEVERITY[finding.kind],
+        employee=who,
+        site=employee["site"],
+        at=finding.at,
+        message=MESSAGES[finding.kind].format(employee=who, **finding.detail),
+        detail=finding.detail,
+        raised_at=now,
+    )
