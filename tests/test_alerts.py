@@ -228,7 +228,7 @@ def scanning_hub(database: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield process
 
 
-async def test_the_scan_raises_overtime_and_a_missed_meal_break_once(
+async def test_the_scan_raises_overtime_a_missed_meal_break_and_lateness_once(
     scanning_hub: HubProcess, database: str
 ) -> None:
     async with provisioned_tenant(scanning_hub.base_url, database, TEST_SECRET, "ot") as kit:
@@ -254,5 +254,16 @@ async def test_the_scan_raises_overtime_and_a_missed_meal_break_once(
             await next_alert(lead, timeout=2.5)
         listed = (await kit.http.get("/v1/alerts")).json()["alerts"]
         assert sorted(a["kind"] for a in listed) == ["meal_break", "overtime"]
+        # e2's shift began ten minutes ago, five minutes of grace are over, and no punch.
+        start = datetime.now(UTC) - timedelta(minutes=10)
+        shift = [{"site": "hq", "start": start.isoformat(), "end": ago(-8 * 3600)}]
+        assert (await kit.http.put("/v1/schedules/e2", json=shift)).status_code == 200
+        late = await next_alert(lead, timeout=5)
+        assert (late["kind"], late["employee"], late["severity"]) == ("late", "e2", "info")
+        assert datetime.fromisoformat(late["at"]) == start.replace(
+            microsecond=start.microsecond // 1000 * 1000
+        )
+        with pytest.raises(TimeoutError):
+            await next_alert(lead, timeout=2.5)
         await door.close()
         await lead.close()

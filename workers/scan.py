@@ -1,5 +1,6 @@
 """The periodic scan for the alerts that time raises: overtime, overtime approaching, a
-forgotten clock-out, missed breaks and short rests (the rules: ``workers/overtime.py``).
+forgotten clock-out, missed breaks and short rests (the rules: ``workers/overtime.py``), and
+lateness for a planned shift (the floors' rule, in SQL).
 
 Every ``interval_s`` it looks at every employee who punched in the last day, across
 tenants (as the database's owner, like retention), with the punches of their last eight
@@ -37,6 +38,7 @@ SEVERITY: Final = {
     "missing_clock_out": "warning",
     "meal_break": "warning",
     "rest_period": "warning",
+    "late": "info",
 }
 
 MESSAGES: Final = {
@@ -45,6 +47,7 @@ MESSAGES: Final = {
     "missing_clock_out": "{employee} has been clocked in for {open_hours} hours",
     "meal_break": "{employee} has had no break in time",
     "rest_period": "{employee} started a shift after only {rest_hours} hours of rest",
+    "late": "{employee} has not clocked in for the shift that started at {start}",
 }
 
 ACTIVE_SQL: Final = """
@@ -54,6 +57,23 @@ SELECT e.tenant, e.id AS employee, e.site, s.timezone, s.policy
  WHERE e.erased_at IS NULL
    AND EXISTS (SELECT 1 FROM punches p
                 WHERE p.tenant = e.tenant AND p.employee = e.id AND p.at >= $1)
+"""
+
+# Planned shifts whose grace period is over, of employees who are out and have not punched
+# since the shift began: the same rule as the floors' `late` (hub/presence.py).
+LATE_SQL: Final = """
+SELECT s.tenant, s.employee, s.site, s.starts_at, s.ends_at
+  FROM schedules s
+  JOIN sites t ON t.tenant = s.tenant AND t.id = s.site
+  JOIN employees e ON e.tenant = s.tenant AND e.id = s.employee AND e.erased_at IS NULL
+ WHERE s.starts_at + make_interval(mins => COALESCE((t.policy->>'grace_minutes')::int, 5)) <= $1
+   AND s.ends_at > $1
+   AND NOT EXISTS (SELECT 1 FROM punches p
+                    WHERE p.tenant = s.tenant AND p.employee = s.employee
+                      AND p.at >= s.starts_at)
+   AND COALESCE((SELECT p.kind FROM punches p
+                  WHERE p.tenant = s.tenant AND p.employee = s.employee AND p.at < s.starts_at
+                  ORDER BY p.at DESC, p.id DESC LIMIT 1), 'out') = 'out'
 """
 
 PUNCHES_SQL: Final = """
@@ -76,9 +96,8 @@ class OvertimeScan:
         """The alerts raised now that were not raised before (stored as they are found)."""
         now = now or datetime.now(UTC)
         async with self._pool.acquire() as conn:
+            alerts = [_late(shift, now) for shift in await conn.fetch(LATE_SQL, now)]
             active = await conn.fetch(ACTIVE_SQL, now - ACTIVE)
-            if not active:
-                return []
             rows = await conn.fetch(
                 PUNCHES_SQL,
                 [a["tenant"] for a in active],
@@ -90,7 +109,6 @@ class OvertimeScan:
                 punches.setdefault((row["tenant"], row["employee"]), []).append(
                     Punch(row["at"], row["kind"])
                 )
-            alerts = []
             for employee in active:
                 policy = employee["policy"] or {}
                 rules = Rules.from_policy(employee["timezone"], policy)
@@ -117,6 +135,22 @@ class OvertimeScan:
             )
         kept = {record["id"] for record in inserted}
         return [a for a in alerts if a.id in kept]
+
+
+def _late(shift: asyncpg.Record, now: datetime) -> Alert:
+    tenant, who, start = shift["tenant"], shift["employee"], shift["starts_at"]
+    return Alert(
+        tenant=tenant,
+        id=uuid.uuid5(SCAN_NAMESPACE, f"{tenant}/late/{who}/shift/{start.isoformat()}"),
+        kind="late",
+        severity=SEVERITY["late"],
+        employee=who,
+        site=shift["site"],
+        at=start,
+        message=MESSAGES["late"].format(employee=who, start=start.isoformat()),
+        detail={"start": start.isoformat(), "end": shift["ends_at"].isoformat()},
+        raised_at=now,
+    )
 
 
 def _alert(employee: asyncpg.Record, finding: LiveFinding, now: datetime) -> Alert:
