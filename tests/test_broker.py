@@ -405,10 +405,10 @@ async def test_a_worker_survives_a_batch_that_fails_unexpectedly(
     real = workers.stream.commit_punches
     failures = [RuntimeError("a bug in the commit")]
 
-    async def fail_once(pool: asyncpg.Pool, requests: list[PunchRequest]) -> Any:
+    async def fail_once(pool: asyncpg.Pool, requests: list[PunchRequest], **options: Any) -> Any:
         if failures:
             raise failures.pop()
-        return await real(pool, requests)
+        return await real(pool, requests, **options)
 
     monkeypatch.setattr(workers.stream, "commit_punches", fail_once)
     redis_rig.run_worker("w")

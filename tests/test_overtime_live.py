@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from workers.overtime import live_findings
+from workers.overtime import average_week, live_findings
 from workers.timesheets import Punch, Rules
 
 MONDAY = datetime(2026, 11, 2, tzinfo=UTC)
@@ -97,3 +97,35 @@ def test_eu_rest_between_shifts_and_a_break_after_six_hours() -> None:
     # The break after six hours was missed on the first shift; the second is young.
     assert findings[0].key == f"shift/{at(14).isoformat()}"
     assert kinds(late_then_early, Rules("Europe/Berlin"), at(7, 1)) == []
+
+
+def test_the_eu_average_week_over_17_weeks() -> None:
+    # Six ten-hour days a week (60 h) for 17 weeks before this one: 60 > 48 on average.
+    monday = datetime(2026, 11, 2, tzinfo=UTC)
+    long_weeks = [
+        punch
+        for week in range(1, 18)
+        for day in range(6)
+        for punch in (
+            Punch(monday - timedelta(weeks=week) + timedelta(days=day, hours=7), "in"),
+            Punch(monday - timedelta(weeks=week) + timedelta(days=day, hours=17), "out"),
+        )
+    ]
+    finding = average_week(long_weeks, Rules("Europe/Berlin"), monday + timedelta(hours=9))
+    assert finding is not None
+    assert (finding.kind, finding.key) == ("overtime", "week/2026-11-02")
+    assert finding.detail == {"rule": "eu_wtd_48h", "average_week_hours": 60.0, "weeks": 17}
+    # Five eight-hour days (40 h): under the limit, even with one 60-hour week among them.
+    normal = [
+        punch
+        for week in range(1, 18)
+        for day in range(6 if week == 3 else 5)
+        for punch in (
+            Punch(monday - timedelta(weeks=week) + timedelta(days=day, hours=7), "in"),
+            Punch(
+                monday - timedelta(weeks=week) + timedelta(days=day, hours=17 if week == 3 else 15),
+                "out",
+            ),
+        )
+    ]
+    assert average_week(normal, Rules("Europe/Berlin"), monday + timedelta(hours=9)) is None

@@ -17,6 +17,8 @@ alert once.
   hours of work and no break of 15 minutes or more by then (``detail.rule`` says which).
 * ``rest_period`` (``eu_wtd``): a shift that started less than 11 hours after the previous
   one ended.
+* ``overtime`` with ``detail.rule`` ``eu_wtd_48h`` (``eu_wtd``): the average working week
+  over the last 17 complete weeks is over 48 hours (``average_week``); once per week.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from workers.timesheets import MAX_OPEN, Punch, Rules, round_time, timesheet
+from workers.timesheets import MAX_OPEN, Punch, Rules, round_time, timesheet, week_of
 
 # How far ahead ``overtime_approaching`` looks, and in what steps.
 APPROACH: Final = timedelta(hours=1)
@@ -42,6 +44,9 @@ MEAL_BREAK: Final = timedelta(minutes=30)
 EU_BREAK_AFTER: Final = timedelta(hours=6)
 EU_BREAK: Final = timedelta(minutes=15)
 EU_REST: Final = timedelta(hours=11)
+# EU working time directive: at most 48 hours a week on average over 17 weeks.
+EU_WEEK_LIMIT_MINUTES: Final = 48 * 60
+EU_REFERENCE_WEEKS: Final = 17
 # Shifts that ended longer ago than this are not looked at again.
 LOOKBACK: Final = timedelta(hours=24)
 
@@ -202,3 +207,29 @@ def _crossing(punches: list[Punch], rules: Rules, now: datetime, today: Any) -> 
             return int(step.total_seconds() // 60)
         step += APPROACH_STEP
     return None
+
+
+def average_week(punches: Sequence[Punch], rules: Rules, now: datetime) -> LiveFinding | None:
+    """An ``overtime`` finding if the employee's average week over the last
+    ``EU_REFERENCE_WEEKS`` complete workweeks is over 48 hours; None otherwise."""
+    zone = ZoneInfo(rules.timezone)
+    this_week = week_of(now.astimezone(zone).date(), rules.workweek_start)
+    first = this_week - timedelta(weeks=EU_REFERENCE_WEEKS)
+    minutes = sum(
+        day.worked_minutes
+        for day in timesheet(punches, rules, now)
+        if first <= day.date < this_week
+    )
+    average = minutes / EU_REFERENCE_WEEKS
+    if average <= EU_WEEK_LIMIT_MINUTES:
+        return None
+    return LiveFinding(
+        "overtime",
+        f"week/{this_week.isoformat()}",
+        now,
+        {
+            "rule": "eu_wtd_48h",
+            "average_week_hours": round(average / 60, 1),
+            "weeks": EU_REFERENCE_WEEKS,
+        },
+    )

@@ -21,8 +21,9 @@ from typing import Final
 import asyncpg
 
 from hub.events import Alert
+from hub.types import Conn
 from workers.checks import INSERT_SQL
-from workers.overtime import LiveFinding, live_findings
+from workers.overtime import EU_REFERENCE_WEEKS, LiveFinding, average_week, live_findings
 from workers.timesheets import Punch, Rules
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ SCAN_NAMESPACE: Final = uuid.UUID("0b9a8c7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d")
 # Who is looked at: anyone who punched within this, and their punches within the second.
 ACTIVE: Final = timedelta(hours=26)
 HISTORY: Final = timedelta(days=8)
+# How often the 17-week averages of the EU working time directive are looked at.
+AVERAGE_EVERY: Final = timedelta(hours=1)
 
 SEVERITY: Final = {
     "overtime": "warning",
@@ -42,7 +45,7 @@ SEVERITY: Final = {
 }
 
 MESSAGES: Final = {
-    "overtime": "{employee} is into overtime today",
+    "overtime": "{employee} is into overtime",
     "overtime_approaching": "{employee} will be into overtime within the hour",
     "missing_clock_out": "{employee} has been clocked in for {open_hours} hours",
     "meal_break": "{employee} has had no break in time",
@@ -91,6 +94,8 @@ class OvertimeScan:
     def __init__(self, pool: asyncpg.Pool, interval_s: float = 60.0) -> None:
         self._pool = pool
         self.interval_s = interval_s
+        # When the 17-week averages were last looked at (they change slowly).
+        self._averaged: datetime | None = None
 
     async def scan(self, now: datetime | None = None) -> list[Alert]:
         """The alerts raised now that were not raised before (stored as they are found)."""
@@ -117,6 +122,9 @@ class OvertimeScan:
                     punches.get(key, []), rules, now, eu_wtd=bool(policy.get("eu_wtd"))
                 ):
                     alerts.append(_alert(employee, finding, now))
+            if self._averaged is None or now - self._averaged >= AVERAGE_EVERY:
+                self._averaged = now
+                alerts += await self._averages(conn, active, now)
             if not alerts:
                 return []
             inserted = await conn.fetch(
@@ -135,6 +143,33 @@ class OvertimeScan:
             )
         kept = {record["id"] for record in inserted}
         return [a for a in alerts if a.id in kept]
+
+    async def _averages(
+        self, conn: Conn, active: list[asyncpg.Record], now: datetime
+    ) -> list[Alert]:
+        """The EU 48-hour average week, for the active employees of ``eu_wtd`` sites."""
+        watched = [a for a in active if (a["policy"] or {}).get("eu_wtd")]
+        if not watched:
+            return []
+        rows = await conn.fetch(
+            PUNCHES_SQL,
+            [a["tenant"] for a in watched],
+            [a["employee"] for a in watched],
+            now - timedelta(weeks=EU_REFERENCE_WEEKS + 2),
+        )
+        punches: dict[tuple[str, str], list[Punch]] = {}
+        for row in rows:
+            punches.setdefault((row["tenant"], row["employee"]), []).append(
+                Punch(row["at"], row["kind"])
+            )
+        alerts = []
+        for employee in watched:
+            rules = Rules.from_policy(employee["timezone"], employee["policy"])
+            key = (employee["tenant"], employee["employee"])
+            finding = average_week(punches.get(key, []), rules, now)
+            if finding is not None:
+                alerts.append(_alert(employee, finding, now))
+        return alerts
 
 
 def _late(shift: asyncpg.Record, now: datetime) -> Alert:
