@@ -97,7 +97,7 @@ class Settings:
     claim_idle_ms: int
     max_deliveries: int
     # The fraud checks: every threshold (ATTENDANCE_FRAUD_<NAME>), and how much of each
-    # employee's history a punch is compared with.
+    # employee's history their usual times of day are worked out from.
     fraud: Thresholds
     check_history_days: int
     check_history_max: int
@@ -168,8 +168,8 @@ class Settings:
             claim_idle_ms=_int(env, "ATTENDANCE_CLAIM_IDLE_MS", 30_000, minimum=100),
             max_deliveries=_int(env, "ATTENDANCE_MAX_DELIVERIES", 5, minimum=1),
             fraud=_thresholds(env),
-            check_history_days=_int(env, "ATTENDANCE_CHECK_HISTORY_DAYS", 14, minimum=1),
-            check_history_max=_int(env, "ATTENDANCE_CHECK_HISTORY_MAX", 64, minimum=1),
+            check_history_days=_int(env, "ATTENDANCE_CHECK_HISTORY_DAYS", 56, minimum=1),
+            check_history_max=_int(env, "ATTENDANCE_CHECK_HISTORY_MAX", 240, minimum=1),
             scan_interval_s=_int(env, "ATTENDANCE_SCAN_INTERVAL_S", 60, minimum=1),
         )
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.fraud import Finding, Row, Thresholds, arrays, check, distance_m
+from workers.fraud import Finding, Row, Thresholds, arrays, check, distance_m, usual_times
 
 T0 = 1_795_000_000.0
 HQ = {"site": "hq", "site_lat": 52.52, "site_lon": 13.405, "site_radius": 200.0}
@@ -93,20 +93,55 @@ def test_rapid_repeat_of_the_same_kind_only() -> None:
     assert found([row("e1", 0.0), row("e1", 400.0)]) == []
 
 
+def usual(minutes: list[float]) -> dict[str, Any]:
+    """The Row fields of a usual time worked out from ``minutes``."""
+    _, centre, spread, count = usual_times(
+        np.zeros(len(minutes), dtype=np.int64), np.array(minutes, dtype=np.float64)
+    )
+    return {
+        "usual_minute": float(centre[0]),
+        "usual_spread": float(spread[0]),
+        "usual_count": int(count[0]),
+    }
+
+
 def test_unusual_time_needs_history_and_is_robust_around_midnight() -> None:
     # A night worker who clocks in around 23:50, give or take ten minutes (crossing midnight).
-    usual = [
-        row("e1", -86400.0 * (n + 1), new=False, local_minute=(1430 + (n % 5) * 5) % 1440)
-        for n in range(30)
-    ]
-    assert found([*usual, row("e1", 0.0, local_minute=5.0)]) == []
-    assert found([*usual, row("e1", 0.0, local_minute=1425.0)]) == []
-    [(kind, index, _)] = found([*usual, row("e1", 0.0, local_minute=14 * 60.0)])
-    assert (kind, index) == ("unusual_time", 30)
+    night = usual([(1430 + (n % 5) * 5) % 1440 for n in range(30)])
+    # Midnight, not noon (the mean of the minutes) nor 23:50 (their plain median).
+    assert min(night["usual_minute"], 1440 - night["usual_minute"]) < 1
+    assert night["usual_spread"] <= 10
+    assert found([row("e1", 0.0, local_minute=5.0, **night)]) == []
+    assert found([row("e1", 0.0, local_minute=1425.0, **night)]) == []
+    [(kind, index, _)] = found([row("e1", 0.0, local_minute=14 * 60.0, **night)])
+    assert (kind, index) == ("unusual_time", 0)
     # Not enough history: no opinion.
-    assert found([*usual[:5], row("e1", 0.0, local_minute=14 * 60.0)]) == []
-    # Another kind's history says nothing about this kind.
-    assert found([*usual, row("e1", 0.0, kind="out", local_minute=14 * 60.0)]) == []
+    few = usual([(1430 + (n % 5) * 5) % 1440 for n in range(5)])
+    assert found([row("e1", 0.0, local_minute=14 * 60.0, **few)]) == []
+    # Within a planned shift (covering for a colleague, say): not unusual.
+    assert found([row("e1", 0.0, local_minute=14 * 60.0, scheduled=True, **night)]) == []
+
+
+def test_a_pair_is_reported_on_its_new_punch_even_the_earlier_one() -> None:
+    # The buddy's punch came first from an offline queue, after the friend's was stored.
+    stored = row("e1", 0.8, new=False)
+    late = row("e2", 0.0, offline=True, received=T0 + 3600.0)
+    assert found([stored, late]) == [("buddy_punch", 1, "one_device")]
+
+
+def test_two_readers_at_once_reports_the_copy_received_later() -> None:
+    # The second reader's clock is 5 s slow: by `at` the copy looks first.
+    genuine = row("e1", 10.0, device="door", received=T0 + 10.2)
+    copy = row("e1", 5.5, device="gate", received=T0 + 12.0)
+    assert [f[:2] for f in found([genuine, copy]) if f[0] == "buddy_punch"] == [("buddy_punch", 1)]
+
+
+def test_geofence_gives_a_vague_position_the_benefit_of_the_doubt() -> None:
+    # 250 m from the centre of a 200 m fence, but only known to 150 m: it may be inside.
+    near = row("e1", 0, lat=52.52225, lon=13.405, device=None, accuracy=150.0)
+    assert found([near]) == []
+    sure = row("e1", 0, lat=52.52225, lon=13.405, device=None, accuracy=10.0)
+    assert found([sure]) == [("geofence", 0, "outside")]
 
 
 def test_history_is_never_reported_and_a_batch_checked_twice_finds_the_same() -> None:

@@ -299,6 +299,16 @@ def test_deeply_nested_frames_are_frame_errors(subprotocol: str, depth: int) -> 
         (p.Notice(channel="me", kind="late", at="a", message="m", detail={"site": "hq"}),
          {"type": "notice", "channel": "me", "kind": "late", "at": "a", "message": "m",
           "detail": {"site": "hq"}}),
+        (p.Alert(channel="alerts:hq", id="x", kind="geofence", severity="warning", at="a",
+                 message="m", detail={"reason": "outside"}, raised_at="r", employee="e1",
+                 site="hq", version=9),
+         {"type": "alert", "channel": "alerts:hq", "id": "x", "kind": "geofence",
+          "severity": "warning", "at": "a", "message": "m", "detail": {"reason": "outside"},
+          "raised_at": "r", "employee": "e1", "site": "hq", "version": 9}),
+        (p.Alert(channel="me", id="x", kind="clock_skew", severity="warning", at="a",
+                 message="m", detail={}, raised_at="r"),
+         {"type": "alert", "channel": "me", "id": "x", "kind": "clock_skew",
+          "severity": "warning", "at": "a", "message": "m", "detail": {}, "raised_at": "r"}),
     ],
 )  # fmt: skip
 def test_server_frames_encode_with_type_tag_and_omit_unset_optionals(
@@ -329,6 +339,7 @@ def test_every_server_frame_type_is_covered() -> None:
         "notice",
         "snapshot",
         "delta",
+        "alert",
     }
 
 

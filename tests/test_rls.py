@@ -51,6 +51,13 @@ async def twins(owner: asyncpg.Connection) -> AsyncIterator[tuple[str, str]]:
             slug,
             now,
         )
+        await owner.execute(
+            """INSERT INTO alerts (tenant, id, kind, severity, employee, site, at, message)
+               VALUES ($1, $2, 'rapid_repeat', 'info', 'e1', 'hq', $3, 'again')""",
+            slug,
+            uuid.uuid4(),
+            now,
+        )
         await store.record_audit(
             owner,
             tenant=slug,
@@ -88,7 +95,15 @@ async def tenant_tables(owner: asyncpg.Connection) -> list[str]:
 
 async def test_every_tenant_table_has_row_level_security(owner: asyncpg.Connection) -> None:
     tables = await tenant_tables(owner)
-    assert {"sites", "employees", "devices", "punches", "audit_log", "schedules"} <= set(tables)
+    assert {
+        "sites",
+        "employees",
+        "devices",
+        "punches",
+        "audit_log",
+        "schedules",
+        "alerts",
+    } <= set(tables)
     for table in [*tables, "tenants"]:
         enabled = await owner.fetchval(
             "SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass", table
@@ -197,7 +212,9 @@ async def test_the_batch_statement_probes_employees_by_index_under_the_policies(
         for n in range(1, 513)
     ]
     await store.act_for_tenants(app_conn, [slug])
-    plan = await app_conn.fetchval(f"EXPLAIN (FORMAT JSON) {persist._COMMIT_SQL}", batch)
+    plan = await app_conn.fetchval(
+        f"EXPLAIN (FORMAT JSON) {persist._COMMIT_SQL}", batch, persist.GEOFENCE_ACCURACY_M
+    )
     scans = [
         (node["Node Type"], node.get("Index Name"))
         for node in _nodes(json.loads(plan)[0]["Plan"])

@@ -10,6 +10,7 @@ stream entries, and another took them over) stores and announces nothing twice.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -17,12 +18,13 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import numpy as np
 
 from hub import store
 from hub.config import Settings
 from hub.events import Alert
 from hub.types import Conn
-from workers.fraud import Finding, Row, Thresholds, arrays, check
+from workers.fraud import Finding, Row, Thresholds, arrays, check, usual_times
 from workers.persist import PunchOutcome, PunchRequest
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,8 @@ SEVERITY: Final = {
     "unusual_time": "info",
 }
 
-# The punches of the batch's employees that the checks compare with: the last ones before
-# each (up to the history limit, within the history window).
+# The punches of the batch's employees that the pair checks compare with: those around the
+# batch's (at most $5 each, the latest first).
 HISTORY_SQL: Final = """
 SELECT p.id, p.employee, p.kind, p.at, p.received_at, p.site, p.device, p.lat, p.lon,
        p.accuracy_m, p.offline, p.source
@@ -53,17 +55,45 @@ SELECT p.id, p.employee, p.kind, p.at, p.received_at, p.site, p.device, p.lat, p
   ) p
 """
 
-# Punches on the batch's devices around each of its punches (a colleague's turn before).
+# Punches on the batch's devices around each of its punches (a colleague's turn).
 NEIGHBOURS_SQL: Final = """
 SELECT p.id, p.employee, p.kind, p.at, p.received_at, p.site, p.device, p.lat, p.lon,
        p.accuracy_m, p.offline, p.source
   FROM unnest($2::text[], $3::timestamptz[]) AS n(device, at)
   CROSS JOIN LATERAL (
         SELECT * FROM punches q
-         WHERE q.tenant = $1 AND q.at BETWEEN n.at - $4::interval AND n.at
+         WHERE q.tenant = $1 AND q.at BETWEEN n.at - $4::interval AND n.at + $4::interval
            AND q.device = n.device
   ) p
 """
+
+# Weeks of the employees' punches, for their usual times of day.
+USUAL_SQL: Final = """
+SELECT p.id, p.employee, p.kind, p.at, s.timezone
+  FROM unnest($2::text[]) AS e(id)
+  CROSS JOIN LATERAL (
+        SELECT q.id, q.employee, q.kind, q.at, q.site FROM punches q
+         WHERE q.tenant = $1 AND q.employee = e.id AND q.at >= $3
+         ORDER BY q.at DESC
+         LIMIT $4
+  ) p
+  LEFT JOIN sites s ON s.tenant = $1 AND s.id = p.site
+"""
+
+# Planned shifts around the batch: a punch within one is never at an unusual time.
+SCHEDULES_SQL: Final = """
+SELECT employee, starts_at, ends_at FROM schedules
+ WHERE tenant = $1 AND employee = ANY($2::text[]) AND ends_at >= $3 AND starts_at <= $4
+"""
+
+# How far around its punches a batch's pair history reaches, and at most how many
+# punches of each employee it holds.
+PAIR_WINDOW: Final = timedelta(days=1)
+PAIR_MAX: Final = 16
+# A planned shift covers punches this long before its start and after its end.
+SHIFT_MARGIN: Final = timedelta(hours=1)
+# How long an employee's usual times of day are kept before they are worked out again.
+USUAL_TTL_S: Final = 3600.0
 
 SITES_SQL: Final = """
 SELECT id, timezone, lat, lon, radius_m, policy FROM sites WHERE tenant = $1 AND id = ANY($2)
@@ -97,13 +127,16 @@ class Checker:
         pool: asyncpg.Pool,
         thresholds: Thresholds,
         *,
-        history_days: float = 14.0,
-        history_max: int = 64,
+        history_days: float = 56.0,
+        history_max: int = 240,
     ) -> None:
         self._pool = pool
         self.thresholds = thresholds
         self._history = timedelta(days=history_days)
         self._history_max = history_max
+        # (tenant, employee) -> (when worked out, {kind: (usual minute, spread, count)}).
+        self._usual: dict[tuple[str, str], tuple[float, dict[str, tuple[float, float, int]]]]
+        self._usual = {}
 
     async def check(self, stored: Sequence[tuple[PunchRequest, PunchOutcome]]) -> list[Alert]:
         """The alerts newly raised by these committed punches.
@@ -126,17 +159,13 @@ class Checker:
         self, conn: Conn, tenant: str, batch: list[tuple[PunchRequest, PunchOutcome]]
     ) -> list[Alert]:
         ats = [request.at for request, _ in batch]
+        first, last = min(ats), max(ats)
         employees = sorted({outcome.employee for _, outcome in batch if outcome.employee})
         history = await conn.fetch(
-            HISTORY_SQL,
-            tenant,
-            employees,
-            min(ats) - self._history,
-            max(ats),
-            self._history_max,
+            HISTORY_SQL, tenant, employees, first - PAIR_WINDOW, last + PAIR_WINDOW, PAIR_MAX
         )
         devices = [
-            (r.device, r.at) for r, o in batch if r.device is not None and r.source != "manual"
+            (r.device, r.at) for r, _ in batch if r.device is not None and r.source != "manual"
         ]
         neighbours = await conn.fetch(
             NEIGHBOURS_SQL,
@@ -154,8 +183,16 @@ class Checker:
             {str(o.site) for _, o in batch} | {record["site"] for record in past.values()}
         )
         sites = {s["id"]: s for s in await conn.fetch(SITES_SQL, tenant, site_ids)}
+        usual = await self._usual_times(conn, tenant, employees, new_ids)
+        shifts: dict[str, list[tuple[datetime, datetime]]] = {}
+        for shift in await conn.fetch(
+            SCHEDULES_SQL, tenant, employees, first - SHIFT_MARGIN, last + SHIFT_MARGIN
+        ):
+            shifts.setdefault(shift["employee"], []).append(
+                (shift["starts_at"] - SHIFT_MARGIN, shift["ends_at"] + SHIFT_MARGIN)
+            )
         rows = [_row_of(record, sites, new=False) for record in past.values()]
-        rows += [_new_row(request, outcome, sites) for request, outcome in batch]
+        rows += [_new_row(request, outcome, sites, usual, shifts) for request, outcome in batch]
         findings = check(arrays(rows), self.thresholds)
         if not findings:
             return []
@@ -178,6 +215,51 @@ class Checker:
         )
         kept = {record["id"] for record in inserted}
         return [a for a in alerts if a.id in kept]
+
+    async def _usual_times(
+        self, conn: Conn, tenant: str, employees: list[str], leave_out: set[uuid.UUID]
+    ) -> dict[tuple[str, str], tuple[float, float, int]]:
+        """(employee, kind) -> usual minute, spread and count, worked out anew for those
+        not known (or known for over ``USUAL_TTL_S``) from weeks of their punches (those of
+        ``leave_out`` left out)."""
+        clock = time.monotonic()
+        stale = [
+            e
+            for e in employees
+            if (tenant, e) not in self._usual or clock - self._usual[(tenant, e)][0] > USUAL_TTL_S
+        ]
+        if stale:
+            records = [
+                r
+                for r in await conn.fetch(
+                    USUAL_SQL,
+                    tenant,
+                    stale,
+                    datetime.now(UTC) - self._history,
+                    self._history_max,
+                )
+                if r["id"] not in leave_out
+            ]
+            pairs = sorted({(r["employee"], r["kind"]) for r in records})
+            code = {pair: n for n, pair in enumerate(pairs)}
+            keys, centre, spread, count = usual_times(
+                np.array([code[(r["employee"], r["kind"])] for r in records], dtype=np.int64),
+                np.array(
+                    [_local_minute(r["at"], r["timezone"] or "UTC") for r in records],
+                    dtype=np.float64,
+                ),
+            )
+            fresh: dict[str, dict[str, tuple[float, float, int]]] = {e: {} for e in stale}
+            for key, minute, deviation, size in zip(keys, centre, spread, count, strict=True):
+                employee, kind = pairs[int(key)]
+                fresh[employee][kind] = (float(minute), float(deviation), int(size))
+            for employee, kinds in fresh.items():
+                self._usual[(tenant, employee)] = (clock, kinds)
+        return {
+            (employee, kind): stats
+            for employee in employees
+            for kind, stats in self._usual[(tenant, employee)][1].items()
+        }
 
 
 def _local_minute(at: datetime, timezone: str) -> float:
@@ -218,8 +300,16 @@ def _row_of(record: asyncpg.Record, sites: dict[str, asyncpg.Record], *, new: bo
     )
 
 
-def _new_row(request: PunchRequest, outcome: PunchOutcome, sites: dict[str, Any]) -> Row:
+def _new_row(
+    request: PunchRequest,
+    outcome: PunchOutcome,
+    sites: dict[str, Any],
+    usual: dict[tuple[str, str], tuple[float, float, int]],
+    shifts: dict[str, list[tuple[datetime, datetime]]],
+) -> Row:
     assert outcome.employee is not None and outcome.site is not None
+    minute, spread, count = usual.get((outcome.employee, request.kind), (None, None, 0))
+    scheduled = any(start <= request.at <= end for start, end in shifts.get(outcome.employee, ()))
     site = sites.get(outcome.site)
     timezone = "UTC" if site is None else site["timezone"]
     manual = request.source == "manual"
@@ -237,6 +327,10 @@ def _new_row(request: PunchRequest, outcome: PunchOutcome, sites: dict[str, Any]
         lat=request.lat,
         lon=request.lon,
         accuracy=request.accuracy_m,
+        scheduled=scheduled,
+        usual_minute=minute,
+        usual_spread=spread,
+        usual_count=count,
         **_site_fields(site),
     )
 

@@ -3,8 +3,9 @@
 The caller (``workers/checks.py``) hands over one batch of committed punches together with
 the recent history of the same employees and devices, all as ``Punches`` arrays, with
 ``new`` marking the batch. Every check looks at the whole, and reports only punches of the
-batch, so that a batch checked twice (a worker died before acknowledging it) finds the
-same things again, and history is never reported twice.
+batch (of a suspicious pair, the later one, unless only the earlier is new), so that a
+batch checked twice (a worker died before acknowledging it) finds the same things again,
+and history is never reported twice.
 
 The checks, each a function below (thresholds in ``Thresholds``, settings in hub/config.py):
 
@@ -18,8 +19,9 @@ The checks, each a function below (thresholds in ``Thresholds``, settings in hub
   time is far from the server's.
 * ``rapid_repeat``: the same employee and kind again within moments, under another id.
 * ``unusual_time``: a punch far from the employee's own usual time of day for that kind, by
-  robust statistics (circular median and median absolute deviation) over its history; only
-  once there is enough history.
+  robust statistics (circular median and median absolute deviation, from ``usual_times``
+  over weeks of history, which the caller keeps); only once there is enough history, and
+  never within a planned shift.
 """
 
 from __future__ import annotations
@@ -47,16 +49,18 @@ class Thresholds(msgspec.Struct, frozen=True):
     """Every threshold of the checks, with its default."""
 
     # One device, two different employees closer together than this: nobody takes turns
-    # at a reader that fast.
-    buddy_gap_s: float = 2.0
+    # at a reader that fast (one steps away, the next presents a badge).
+    buddy_gap_s: float = 1.2
     # One employee on two different devices within this.
     two_devices_s: float = 60.0
     # A position with an accuracy (radius, metres) worse than this cannot tell in from out.
     geofence_accuracy_m: float = 250.0
     # Faster than this between two punches of one employee, over more than the distance
-    # below, is impossible travel.
-    travel_speed_kmh: float = 250.0
+    # below, is impossible travel: by road up to ``travel_flight_km``, by air beyond.
+    travel_speed_kmh: float = 130.0
     travel_min_km: float = 20.0
+    travel_flight_km: float = 800.0
+    travel_flight_kmh: float = 900.0
     # An online punch whose device time is off the server's by more than this.
     clock_skew_s: float = 300.0
     # The same employee and kind again within this, under another id.
@@ -73,7 +77,9 @@ class Punches:
     """Punches as arrays, one element per punch. Codes are small integers: -1 means none.
 
     ``local_minute`` is the minute of the local day (in the site's time zone) of ``at``;
-    ``site_*`` and ``geofence`` describe the punch's site.
+    ``site_*`` and ``geofence`` describe the punch's site. History needs only what the
+    pair checks compare with: each employee's and each device's punches just before (and
+    after) the new ones; the time-of-day statistics come with the new punches.
     """
 
     employee: Ints
@@ -93,6 +99,13 @@ class Punches:
     geofence: Ints
     local_minute: Floats
     new: Bools
+    # Within a planned shift (an hour either side): never an unusual time.
+    scheduled: Bools
+    # The employee's usual time of day for the punch's kind (``usual_times``), its spread
+    # and how many punches it comes from; NaN and 0 where not known.
+    usual_minute: Floats
+    usual_spread: Floats
+    usual_count: Ints
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +132,10 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     site_lon: float | None = None
     site_radius: float | None = None
     geofence: str = "flag"
+    scheduled: bool = False
+    usual_minute: float | None = None
+    usual_spread: float | None = None
+    usual_count: int = 0
 
 
 def arrays(rows: list[Row]) -> Punches:
@@ -151,6 +168,10 @@ def arrays(rows: list[Row]) -> Punches:
         geofence=np.array([GEOFENCE_MODES.index(r.geofence) for r in rows], dtype=np.int64),
         local_minute=np.array([r.local_minute for r in rows], dtype=np.float64),
         new=np.array([r.new for r in rows], dtype=np.bool_),
+        scheduled=np.array([r.scheduled for r in rows], dtype=np.bool_),
+        usual_minute=floats([r.usual_minute for r in rows]),
+        usual_spread=floats([r.usual_spread for r in rows]),
+        usual_count=np.array([r.usual_count for r in rows], dtype=np.int64),
     )
 
 
@@ -183,11 +204,21 @@ def _consecutive(first: Ints, at: Floats) -> tuple[Ints, Ints, Bools]:
     return before, after, same
 
 
+def _reported(p: Punches, before: Ints, after: Ints) -> tuple[Ints, Ints]:
+    """For pairs found suspicious: the punch to report (the later one, or the earlier if
+    only it is new, arriving from an offline queue), and the other; pairs of history only
+    are dropped."""
+    chosen = np.where(p.new[after], after, before)
+    other = np.where(p.new[after], before, after)
+    keep = p.new[chosen]
+    return chosen[keep], other[keep]
+
+
 def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
     found: list[Finding] = []
     if p.size < 2:
         return found
-    # One device, different employees in quick succession.
+    # One device, different employees in quick succession (one clock: `at` orders them).
     before, after, same = _consecutive(p.device, p.at)
     gap = p.at[after] - p.at[before]
     hit = (
@@ -195,17 +226,18 @@ def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
         & (p.device[after] >= 0)
         & (p.employee[after] != p.employee[before])
         & (gap < t.buddy_gap_s)
-        & p.new[after]
+        & (p.new[after] | p.new[before])
     )
-    for b, a in zip(before[hit], after[hit], strict=True):
+    chosen, other = _reported(p, before[hit], after[hit])
+    for c, o in zip(chosen, other, strict=True):
         found.append(
             Finding(
                 "buddy_punch",
-                int(a),
-                {"reason": "one_device", "gap_s": round(float(p.at[a] - p.at[b]), 3)},
+                int(c),
+                {"reason": "one_device", "gap_s": round(float(abs(p.at[c] - p.at[o])), 3)},
             )
         )
-    # One employee, two devices at once.
+    # One employee, two devices at once. Two clocks: the copy is the one received later.
     before, after, same = _consecutive(p.employee, p.at)
     gap = p.at[after] - p.at[before]
     hit = (
@@ -214,14 +246,18 @@ def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
         & (p.device[before] >= 0)
         & (p.device[after] != p.device[before])
         & (gap < t.two_devices_s)
-        & p.new[after]
+        & (p.new[after] | p.new[before])
     )
-    for b, a in zip(before[hit], after[hit], strict=True):
+    first, second = before[hit], after[hit]
+    swap = p.received[first] > p.received[second]
+    first, second = np.where(swap, second, first), np.where(swap, first, second)
+    chosen, other = _reported(p, first, second)
+    for c, o in zip(chosen, other, strict=True):
         found.append(
             Finding(
                 "buddy_punch",
-                int(a),
-                {"reason": "two_devices", "gap_s": round(float(p.at[a] - p.at[b]), 3)},
+                int(c),
+                {"reason": "two_devices", "gap_s": round(float(abs(p.at[c] - p.at[o])), 3)},
             )
         )
     return found
@@ -244,8 +280,10 @@ def geofence_distance(p: Punches) -> Floats:
 def geofence(p: Punches, t: Thresholds) -> list[Finding]:
     watched = p.new & (p.geofence > 0) & ~np.isnan(p.lat) & ~np.isnan(p.site_radius)
     distance = geofence_distance(p)
-    poor = watched & (p.accuracy > t.geofence_accuracy_m)
-    outside = watched & ~poor & (distance > p.site_radius)
+    accuracy = np.nan_to_num(p.accuracy, nan=0.0)
+    poor = watched & (accuracy > t.geofence_accuracy_m)
+    # Outside only when the whole circle of the position's accuracy is.
+    outside = watched & ~poor & (distance - accuracy > p.site_radius)
     found = []
     for i in np.flatnonzero(poor | outside):
         found.append(
@@ -274,6 +312,7 @@ def impossible_travel(p: Punches, t: Thresholds) -> list[Finding]:
     metres = distance_m(lat[before], lon[before], lat[after], lon[after])
     hours = np.maximum(p.at[after] - p.at[before], 1.0) / 3600
     speed = metres / 1000 / hours
+    limit = np.where(metres > t.travel_flight_km * 1000, t.travel_flight_kmh, t.travel_speed_kmh)
     with np.errstate(invalid="ignore"):
         hit = (
             same
@@ -281,7 +320,7 @@ def impossible_travel(p: Punches, t: Thresholds) -> list[Finding]:
             & ~p.manual[after]
             & ~p.manual[before]
             & (metres > t.travel_min_km * 1000)
-            & (speed > t.travel_speed_kmh)
+            & (speed > limit)
         )
     return [
         Finding(
@@ -336,39 +375,43 @@ def _group_medians(groups: Ints, values: Floats, count: int) -> Floats:
     return medians
 
 
-def unusual_time(p: Punches, t: Thresholds) -> list[Finding]:
-    """Each new punch against the history of its employee and kind (the history only: a
-    burst of new punches does not make itself usual)."""
-    history = ~p.new
-    if not history.any() or not p.new.any():
-        return []
-    pair = p.employee * len(KINDS) + p.kind
-    keys, group = np.unique(pair, return_inverse=True)
-    group = group.astype(np.int64)
+def usual_times(group: Ints, minutes: Floats) -> tuple[Ints, Floats, Floats, Ints]:
+    """Each group's usual minute of the day, its spread and its size, from the history
+    minutes of each (``group`` holds any integer key, such as employee and kind).
+
+    The usual minute is the circular median: the median of the differences from the
+    circular mean, so that a night shift around midnight has a usual time near midnight.
+    The spread is the median absolute deviation from it, in minutes.
+    """
+    keys, index = np.unique(group, return_inverse=True)
+    index = index.astype(np.int64)
     count = len(keys)
-    angle = p.local_minute / DAY_MINUTES * 2 * np.pi
-    h = history
-    sizes = np.bincount(group[h], minlength=count)
-    # The circular mean as a centre, then the median of the wrapped differences from it.
-    sin = np.bincount(group[h], weights=np.sin(angle[h]), minlength=count)
-    cos = np.bincount(group[h], weights=np.cos(angle[h]), minlength=count)
+    angle = minutes / DAY_MINUTES * 2 * np.pi
+    sizes = np.bincount(index, minlength=count)
+    sin = np.bincount(index, weights=np.sin(angle), minlength=count)
+    cos = np.bincount(index, weights=np.cos(angle), minlength=count)
     mean = (np.arctan2(sin, cos) % (2 * np.pi)) / (2 * np.pi) * DAY_MINUTES
-    offsets = _wrapped(p.local_minute - mean[group])
-    median_offset = _group_medians(group[h], offsets[h], count)
-    centre = (mean + median_offset) % DAY_MINUTES
-    deviation = np.abs(_wrapped(p.local_minute - centre[group]))
-    mad = _group_medians(group[h], deviation[h], count)
-    limit = np.maximum(t.unusual_min_minutes, t.unusual_mads * MAD_SCALE * mad)
+    offsets = _wrapped(minutes - mean[index])
+    centre = (mean + _group_medians(index, offsets, count)) % DAY_MINUTES
+    deviation = np.abs(_wrapped(minutes - centre[index]))
+    spread = _group_medians(index, deviation, count)
+    return keys, centre, spread, sizes.astype(np.int64)
+
+
+def unusual_time(p: Punches, t: Thresholds) -> list[Finding]:
+    """Each new punch against its employee's usual time of day for its kind."""
+    deviation = np.abs(_wrapped(p.local_minute - p.usual_minute))
+    limit = np.maximum(t.unusual_min_minutes, t.unusual_mads * MAD_SCALE * p.usual_spread)
     with np.errstate(invalid="ignore"):
-        hit = p.new & (sizes[group] >= t.unusual_min_history) & (deviation > limit[group])
+        hit = p.new & ~p.scheduled & (p.usual_count >= t.unusual_min_history) & (deviation > limit)
     return [
         Finding(
             "unusual_time",
             int(i),
             {
-                "usual_minute": round(float(centre[group[i]]), 1),
+                "usual_minute": round(float(p.usual_minute[i]), 1),
                 "minute": round(float(p.local_minute[i]), 1),
-                "history": int(sizes[group[i]]),
+                "history": int(p.usual_count[i]),
             },
         )
         for i in np.flatnonzero(hit)
