@@ -90,10 +90,12 @@ SELECT employee, starts_at, ends_at FROM schedules
 # punches of each employee it holds.
 PAIR_WINDOW: Final = timedelta(days=1)
 PAIR_MAX: Final = 16
-# A planned shift covers punches this long before its start and after its end.
+# A clock-in this close to a planned shift's start (or a clock-out to its end) is planned.
 SHIFT_MARGIN: Final = timedelta(hours=1)
-# How long an employee's usual times of day are kept before they are worked out again.
-USUAL_TTL_S: Final = 3600.0
+# How long an employee's usual times of day are kept before they are worked out again: long
+# once there is history enough to judge, short while it is still building up.
+USUAL_TTL_S: Final = 12 * 3600.0
+USUAL_YOUNG_TTL_S: Final = 3600.0
 
 SITES_SQL: Final = """
 SELECT id, timezone, lat, lon, radius_m, policy FROM sites WHERE tenant = $1 AND id = ANY($2)
@@ -188,9 +190,7 @@ class Checker:
         for shift in await conn.fetch(
             SCHEDULES_SQL, tenant, employees, first - SHIFT_MARGIN, last + SHIFT_MARGIN
         ):
-            shifts.setdefault(shift["employee"], []).append(
-                (shift["starts_at"] - SHIFT_MARGIN, shift["ends_at"] + SHIFT_MARGIN)
-            )
+            shifts.setdefault(shift["employee"], []).append((shift["starts_at"], shift["ends_at"]))
         rows = [_row_of(record, sites, new=False) for record in past.values()]
         rows += [_new_row(request, outcome, sites, usual, shifts) for request, outcome in batch]
         findings = check(arrays(rows), self.thresholds)
@@ -223,11 +223,7 @@ class Checker:
         not known (or known for over ``USUAL_TTL_S``) from weeks of their punches (those of
         ``leave_out`` left out)."""
         clock = time.monotonic()
-        stale = [
-            e
-            for e in employees
-            if (tenant, e) not in self._usual or clock - self._usual[(tenant, e)][0] > USUAL_TTL_S
-        ]
+        stale = [e for e in employees if self._expired(tenant, e, clock)]
         if stale:
             records = [
                 r
@@ -260,6 +256,16 @@ class Checker:
             for employee in employees
             for kind, stats in self._usual[(tenant, employee)][1].items()
         }
+
+    def _expired(self, tenant: str, employee: str, clock: float) -> bool:
+        held = self._usual.get((tenant, employee))
+        if held is None:
+            return True
+        worked_out, kinds = held
+        enough = kinds and all(
+            count >= self.thresholds.unusual_min_history for _, _, count in kinds.values()
+        )
+        return clock - worked_out > (USUAL_TTL_S if enough else USUAL_YOUNG_TTL_S)
 
 
 def _local_minute(at: datetime, timezone: str) -> float:
@@ -333,6 +339,16 @@ def _new_row(
         usual_count=count,
         **_site_fields(site),
     )
+
+
+def _planned(kind: str, at: datetime, start: datetime, end: datetime) -> bool:
+    """Whether a punch of ``kind`` at ``at`` is where a planned shift puts one: a clock-in
+    near its start, a clock-out near its end, a break within it."""
+    if kind == "in":
+        return abs(at - start) <= SHIFT_MARGIN
+    if kind == "out":
+        return abs(at - end) <= SHIFT_MARGIN
+    return start <= at <= end
 
 
 MESSAGES: Final = {

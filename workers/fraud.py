@@ -67,9 +67,9 @@ class Thresholds(msgspec.Struct, frozen=True):
     repeat_s: float = 120.0
     # Time of day: history of at least this many punches of the kind, and a punch further
     # from the usual time than both of these.
-    unusual_min_history: int = 20
+    unusual_min_history: int = 15
     unusual_mads: float = 6.0
-    unusual_min_minutes: float = 180.0
+    unusual_min_minutes: float = 240.0
 
 
 @dataclass
@@ -282,8 +282,9 @@ def geofence(p: Punches, t: Thresholds) -> list[Finding]:
     distance = geofence_distance(p)
     accuracy = np.nan_to_num(p.accuracy, nan=0.0)
     poor = watched & (accuracy > t.geofence_accuracy_m)
-    # Outside only when the whole circle of the position's accuracy is.
-    outside = watched & ~poor & (distance - accuracy > p.site_radius)
+    # Outside only when even twice the accuracy (a phone's accuracy is the radius holding
+    # the true position about two times in three; twice it, about 19 times in 20) is.
+    outside = watched & ~poor & (distance - 2 * accuracy > p.site_radius)
     found = []
     for i in np.flatnonzero(poor | outside):
         found.append(
@@ -314,14 +315,25 @@ def impossible_travel(p: Punches, t: Thresholds) -> list[Finding]:
     speed = metres / 1000 / hours
     limit = np.where(metres > t.travel_flight_km * 1000, t.travel_flight_kmh, t.travel_speed_kmh)
     with np.errstate(invalid="ignore"):
-        hit = (
+        impossible = (
             same
-            & p.new[after]
             & ~p.manual[after]
             & ~p.manual[before]
             & (metres > t.travel_min_km * 1000)
             & (speed > limit)
         )
+    # There and back again (home, far away, home): the trip away is the one to report,
+    # not the punch back where the employee was before it.
+    back = np.zeros_like(impossible)
+    back[1:] = impossible[1:] & impossible[:-1] & same[:-1]
+    outer = np.flatnonzero(back)
+    if len(outer):
+        home = distance_m(
+            lat[before[outer - 1]], lon[before[outer - 1]], lat[after[outer]], lon[after[outer]]
+        )
+        with np.errstate(invalid="ignore"):
+            back[outer] = home < t.travel_min_km * 1000
+    hit = impossible & ~back & p.new[after]
     return [
         Finding(
             "impossible_travel",
@@ -348,10 +360,15 @@ def rapid_repeat(p: Punches, t: Thresholds) -> list[Finding]:
     pair = p.employee * len(KINDS) + p.kind
     before, after, same = _consecutive(pair, p.at)
     gap = p.at[after] - p.at[before]
-    hit = same & p.new[after] & ~p.manual[after] & (gap < t.repeat_s)
+    hit = same & ~p.manual[after] & (gap < t.repeat_s) & (p.new[after] | p.new[before])
+    first, second = before[hit], after[hit]
+    # On two devices, two clocks: the repeat is the punch received later.
+    swap = (p.device[first] != p.device[second]) & (p.received[first] > p.received[second])
+    first, second = np.where(swap, second, first), np.where(swap, first, second)
+    chosen, other = _reported(p, first, second)
     return [
-        Finding("rapid_repeat", int(a), {"gap_s": round(float(g), 3)})
-        for a, g in zip(after[hit], gap[hit], strict=True)
+        Finding("rapid_repeat", int(c), {"gap_s": round(float(abs(p.at[c] - p.at[o])), 3)})
+        for c, o in zip(chosen, other, strict=True)
     ]
 
 
