@@ -94,7 +94,7 @@ LIMIT_REFUSALS = Counter(
 )
 RETENTION_DELETED = Counter(
     "attendance_retention_deleted_total",
-    "Rows deleted by retention, by table (punches, audit_log).",
+    "Rows deleted by retention, by table (punches, audit_log, alerts).",
     ["table"],
 )
 HTTP_REQUESTS = Counter(

@@ -151,3 +151,26 @@ def test_history_is_never_reported_and_a_batch_checked_twice_finds_the_same() ->
     first = found(batch)
     assert first == found(batch)
     assert {index for _, index, _ in first} == {2, 3}
+
+
+def test_a_trip_there_and_back_reports_the_trip_not_the_return() -> None:
+    home, away, back = (
+        row("e1", 0.0),
+        row("e1", 1800.0, kind="out", device="quay", **PORT),
+        row("e1", 3600.0, kind="in"),
+    )
+    assert [f[:2] for f in found([home, away, back])] == [("impossible_travel", 1)]
+    # Moving on to a third city is a second impossible leg, reported too.
+    munich = {"site": "mun", "site_lat": 48.14, "site_lon": 11.58, "site_radius": 200.0}
+    onward = row("e1", 3600.0, kind="in", device="gate", **munich)
+    assert [f[:2] for f in found([home, away, onward])] == [
+        ("impossible_travel", 1),
+        ("impossible_travel", 2),
+    ]
+
+
+def test_a_repeat_on_another_reader_is_the_punch_received_later() -> None:
+    genuine = row("e1", 10.0, device="door", received=T0 + 10.2)
+    copy = row("e1", 5.5, device="gate", received=T0 + 40.0)
+    repeats = [f[:2] for f in found([genuine, copy], two_devices_s=1.0)]
+    assert repeats == [("rapid_repeat", 1)]

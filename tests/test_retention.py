@@ -236,3 +236,19 @@ def test_retention_settings_default_to_seven_and_three_years() -> None:
 def test_retention_settings_are_validated(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+async def test_alerts_go_with_the_punches_they_are_about(pool: asyncpg.Pool) -> None:
+    now = datetime.fromisoformat("2033-06-01T12:00:00+00:00")
+    cutoff = now - timedelta(days=2557)
+    for at in (cutoff - timedelta(days=3), cutoff - timedelta(seconds=1), cutoff, now):
+        await pool.execute(
+            """INSERT INTO alerts (tenant, id, kind, severity, employee, site, at, message)
+               VALUES ('a', $1, 'rapid_repeat', 'info', 'e1', 'hq', $2, 'again')""",
+            uuid.uuid4(),
+            at,
+        )
+    counts = await enforce_retention(pool, now, SETTINGS, batch_rows=1)
+    assert counts == RetentionCounts(alerts=2)
+    left = await pool.fetch("SELECT at FROM alerts WHERE tenant = 'a' ORDER BY at")
+    assert [r["at"] for r in left] == [cutoff, now]

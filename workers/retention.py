@@ -33,6 +33,12 @@ DELETE FROM punches
  WHERE tenant = $1
    AND id IN (SELECT id FROM punches WHERE tenant = $1 AND at < $2 ORDER BY at LIMIT $3)"""
 
+# Alerts go with the punches they are about: by the same limit, on their `at`.
+_DELETE_ALERTS: Final = """
+DELETE FROM alerts
+ WHERE tenant = $1
+   AND id IN (SELECT id FROM alerts WHERE tenant = $1 AND at < $2 ORDER BY at LIMIT $3)"""
+
 # Only an unbroken run of the oldest rows goes, so that what is left is still one chain
 # from the anchor; the anchor becomes the last row deleted, in the same transaction. The
 # `>` keeps a run that lost a race with another from moving the anchor back.
@@ -58,31 +64,34 @@ SELECT count(*) FROM deleted"""
 class RetentionCounts:
     punches: int = 0
     audit_rows: int = 0
+    alerts: int = 0
 
 
 async def enforce_retention(
     pool: asyncpg.Pool, now: datetime, settings: Settings, *, batch_rows: int = BATCH_ROWS
 ) -> RetentionCounts:
     """Delete what is older than the limits as of ``now``; return how many rows went."""
-    punches = audit_rows = 0
+    punches = audit_rows = alerts = 0
     async with pool.acquire() as conn:
         tenants = [r["id"] for r in await conn.fetch("SELECT id FROM tenants ORDER BY id")]
         for tenant in tenants:
             if settings.retention_punches_days:
                 cutoff = now - timedelta(days=settings.retention_punches_days)
-                punches += await _delete_punches(conn, tenant, cutoff, batch_rows)
+                punches += await _delete_rows(conn, _DELETE_PUNCHES, tenant, cutoff, batch_rows)
+                alerts += await _delete_rows(conn, _DELETE_ALERTS, tenant, cutoff, batch_rows)
             if settings.retention_audit_days:
                 cutoff = now - timedelta(days=settings.retention_audit_days)
                 audit_rows += await _delete_audit(conn, tenant, cutoff, batch_rows)
     metrics.RETENTION_DELETED.labels("punches").inc(punches)
     metrics.RETENTION_DELETED.labels("audit_log").inc(audit_rows)
-    return RetentionCounts(punches=punches, audit_rows=audit_rows)
+    metrics.RETENTION_DELETED.labels("alerts").inc(alerts)
+    return RetentionCounts(punches=punches, audit_rows=audit_rows, alerts=alerts)
 
 
-async def _delete_punches(conn: Conn, tenant: str, cutoff: datetime, batch_rows: int) -> int:
+async def _delete_rows(conn: Conn, sql: str, tenant: str, cutoff: datetime, batch_rows: int) -> int:
     total = 0
     while True:
-        status = await conn.execute(_DELETE_PUNCHES, tenant, cutoff, batch_rows)
+        status = await conn.execute(sql, tenant, cutoff, batch_rows)
         deleted = int(status.split()[-1])
         total += deleted
         if deleted < batch_rows:
