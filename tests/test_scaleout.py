@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -476,5 +477,37 @@ async def test_a_hub_taken_for_dead_during_a_long_pause_puts_its_terminals_back_
         await door.close()
         assert (await _board_change(watching, "door"))["online"] is False
         await watching.close()
+    finally:
+        await elsewhere.close()
+
+
+async def test_an_alert_a_worker_raises_reaches_supervisors_on_every_hub_as_one_version(
+    cluster: Cluster, kit: TenantKit, database: str
+) -> None:
+    cluster.worker("w1")
+    other = cluster.hub()
+    elsewhere = TenantKit(other.base_url, database, TEST_SECRET, kit.slug)
+    try:
+        here, there = await watcher(kit), await watcher(elsewhere)
+        first = await subscribe(here, "alerts:hq")
+        second = await subscribe(there, "alerts:hq")
+        assert first["version"] == second["version"]
+        await here.recv()
+        await there.recv()
+        door = await kit.connect()
+        # The door's clock is an hour slow: the worker that commits the punch raises it.
+        slow = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        assert (await door.punch(punch_frame("e1", at=slow)))["status"] == "accepted"
+        on_first, on_second = await here.recv(), await there.recv()
+        assert on_first == on_second
+        assert (on_first["type"], on_first["kind"], on_first["version"]) == (
+            "alert",
+            "clock_skew",
+            first["version"] + 1,
+        )
+        listed = (await elsewhere.http.get("/v1/alerts")).json()["alerts"]
+        assert [a["id"] for a in listed] == [on_first["id"]]
+        for client in (door, here, there):
+            await client.close()
     finally:
         await elsewhere.close()
