@@ -617,19 +617,7 @@ def delta_frame(delta: Delta) -> p.Delta | p.Alert:
 
 
 def alert_frame(alert: AlertMember, channel: str, version: int | None) -> p.Alert:
-    return p.Alert(
-        channel=channel,
-        id=str(alert.id),
-        kind=alert.kind,
-        severity=alert.severity,
-        at=p.format_time(alert.at),
-        message=alert.message,
-        detail=alert.detail,
-        raised_at=p.format_time(alert.raised_at),
-        employee=alert.employee,
-        site=alert.site,
-        version=version,
-    )
+    return p.Alert(channel=channel, version=version, **msgspec.structs.asdict(alert_member(alert)))
 
 
 def snapshot_frame(snapshot: Snapshot) -> p.Snapshot:

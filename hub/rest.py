@@ -676,20 +676,7 @@ class Api:
     async def list_punches(self, request: Request) -> Response:
         claims = await self.claims(request, "admin", "supervisor", "employee")
         query = request.query_params
-        employee = query.get("employee")
-        site = query.get("site")
-        for name, value in (("employee", employee), ("site", site)):
-            if value is not None and not is_entity_id(value):
-                raise ApiError(400, f"`{name}` is not a valid id")
-        if claims.role == "employee":
-            if employee not in (None, claims.employee):
-                raise ApiError(403, "an employee token reads only its own punches")
-            employee = claims.employee
-        sites: list[str] | None = None
-        if claims.role == "supervisor" and "*" not in claims.sites:
-            if site is not None and site not in claims.sites:
-                raise ApiError(403, f"this token does not cover site {site!r}")
-            sites = list(claims.sites)
+        employee, site, sites = _scope(claims, query, "punches")
         limit = _int_param(query.get("limit"), "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         start = _time_param(query.get("from"), "from")
         end = _time_param(query.get("to"), "to")
@@ -724,19 +711,7 @@ class Api:
             raise ApiError(400, "`to` is before `from`")
         if (last - first).days >= MAX_TIMESHEET_DAYS:
             raise ApiError(400, f"a timesheet covers at most {MAX_TIMESHEET_DAYS} days")
-        employee, site = query.get("employee"), query.get("site")
-        for name, value in (("employee", employee), ("site", site)):
-            if value is not None and not is_entity_id(value):
-                raise ApiError(400, f"`{name}` is not a valid id")
-        if claims.role == "employee":
-            if employee not in (None, claims.employee):
-                raise ApiError(403, "an employee token reads only its own timesheet")
-            employee = claims.employee
-        sites: list[str] | None = None
-        if claims.role == "supervisor" and "*" not in claims.sites:
-            if site is not None and site not in claims.sites:
-                raise ApiError(403, f"this token does not cover site {site!r}")
-            sites = list(claims.sites)
+        employee, site, sites = _scope(claims, query, "timesheet")
         # From two days before the first workweek concerned (a night shift into it, and
         # the hours that count towards its weekly overtime), to two days after.
         start = datetime.combine(first - timedelta(days=9), time(0), UTC)
@@ -773,19 +748,7 @@ class Api:
     async def list_alerts(self, request: Request) -> Response:
         claims = await self.claims(request, "admin", "supervisor", "employee")
         query = request.query_params
-        site, employee = query.get("site"), query.get("employee")
-        for name, value in (("site", site), ("employee", employee)):
-            if value is not None and not is_entity_id(value):
-                raise ApiError(400, f"`{name}` is not a valid id")
-        if claims.role == "employee":
-            if employee not in (None, claims.employee):
-                raise ApiError(403, "an employee token reads only its own alerts")
-            employee = claims.employee
-        sites: list[str] | None = None
-        if claims.role == "supervisor" and "*" not in claims.sites:
-            if site is not None and site not in claims.sites:
-                raise ApiError(403, f"this token does not cover site {site!r}")
-            sites = list(claims.sites)
+        employee, site, sites = _scope(claims, query, "alerts")
         limit = _int_param(query.get("limit"), "limit", DEFAULT_ALERTS, 1, MAX_ALERTS)
         since = _time_param(query.get("since"), "since")
         async with store.tenant_transaction(self.hub.pool, claims.tenant) as conn:
@@ -845,6 +808,30 @@ class Api:
                 503,
             )
         return json_response({"status": "ready"})
+
+
+def _scope(
+    claims: Claims, query: Any, what: str
+) -> tuple[str | None, str | None, list[str] | None]:
+    """The ``employee`` and ``site`` a read asks for, and the sites a supervisor is held to.
+
+    An employee token reads only its own; a supervisor only its sites (asking for another
+    is 403).
+    """
+    employee, site = query.get("employee"), query.get("site")
+    for name, value in (("employee", employee), ("site", site)):
+        if value is not None and not is_entity_id(value):
+            raise ApiError(400, f"`{name}` is not a valid id")
+    if claims.role == "employee":
+        if employee not in (None, claims.employee):
+            raise ApiError(403, f"an employee token reads only its own {what}")
+        employee = claims.employee
+    sites: list[str] | None = None
+    if claims.role == "supervisor" and "*" not in claims.sites:
+        if site is not None and site not in claims.sites:
+            raise ApiError(403, f"this token does not cover site {site!r}")
+        sites = list(claims.sites)
+    return employee, site, sites
 
 
 def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:

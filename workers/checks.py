@@ -111,6 +111,28 @@ RETURNING id
 """
 
 
+async def store_alerts(
+    conn: Conn, alerts: list[Alert], punches: Sequence[uuid.UUID | None]
+) -> list[Alert]:
+    """Store the alerts (each about the punch beside it, if any); those not stored before."""
+    inserted = await conn.fetch(
+        INSERT_SQL,
+        [a.tenant for a in alerts],
+        [a.id for a in alerts],
+        [a.kind for a in alerts],
+        [a.severity for a in alerts],
+        [a.employee for a in alerts],
+        [a.site for a in alerts],
+        [a.at for a in alerts],
+        [a.message for a in alerts],
+        [a.detail for a in alerts],
+        list(punches),
+        [a.raised_at for a in alerts],
+    )
+    kept = {record["id"] for record in inserted}
+    return [a for a in alerts if a.id in kept]
+
+
 class Checker:
     """Checks committed batches; ``history_days`` and ``history_max`` bound what each
     punch is compared with."""
@@ -199,22 +221,8 @@ class Checker:
         now = datetime.now(UTC)
         offset = len(past)
         alerts = [_alert(tenant, f, *batch[f.index - offset], now) for f in findings]
-        inserted = await conn.fetch(
-            INSERT_SQL,
-            [a.tenant for a in alerts],
-            [a.id for a in alerts],
-            [a.kind for a in alerts],
-            [a.severity for a in alerts],
-            [a.employee for a in alerts],
-            [a.site for a in alerts],
-            [a.at for a in alerts],
-            [a.message for a in alerts],
-            [a.detail for a in alerts],
-            [batch[f.index - offset][0].id for f in findings],
-            [a.raised_at for a in alerts],
-        )
-        kept = {record["id"] for record in inserted}
-        return [a for a in alerts if a.id in kept]
+        punches = [batch[f.index - offset][0].id for f in findings]
+        return await store_alerts(conn, alerts, punches)
 
     async def _usual_times(
         self, conn: Conn, tenant: str, employees: list[str], leave_out: set[uuid.UUID]

@@ -22,7 +22,7 @@ import asyncpg
 
 from hub.events import Alert
 from hub.types import Conn
-from workers.checks import INSERT_SQL
+from workers.checks import store_alerts
 from workers.overtime import EU_REFERENCE_WEEKS, LiveFinding, average_week, live_findings
 from workers.timesheets import Punch, Rules
 
@@ -127,22 +127,7 @@ class OvertimeScan:
                 alerts += await self._averages(conn, active, now)
             if not alerts:
                 return []
-            inserted = await conn.fetch(
-                INSERT_SQL,
-                [a.tenant for a in alerts],
-                [a.id for a in alerts],
-                [a.kind for a in alerts],
-                [a.severity for a in alerts],
-                [a.employee for a in alerts],
-                [a.site for a in alerts],
-                [a.at for a in alerts],
-                [a.message for a in alerts],
-                [a.detail for a in alerts],
-                [None] * len(alerts),
-                [a.raised_at for a in alerts],
-            )
-        kept = {record["id"] for record in inserted}
-        return [a for a in alerts if a.id in kept]
+            return await store_alerts(conn, alerts, [None] * len(alerts))
 
     async def _averages(
         self, conn: Conn, active: list[asyncpg.Record], now: datetime
