@@ -129,3 +129,18 @@ def test_the_eu_average_week_over_17_weeks() -> None:
         )
     ]
     assert average_week(normal, Rules("Europe/Berlin"), monday + timedelta(hours=9)) is None
+
+
+def test_a_meal_break_is_due_only_past_five_hours_and_not_while_it_is_being_taken() -> None:
+    five_hours = [Punch(at(8), "in"), Punch(at(13), "out")]
+    assert kinds(five_hours, CALIFORNIA, at(14)) == []
+    taking_it = [Punch(at(8), "in"), Punch(at(13), "break_start")]
+    assert kinds(taking_it, CALIFORNIA, at(13 + 10 / 60)) == []
+    # Back after ten minutes: that was no meal break.
+    too_short = [*taking_it, Punch(at(13 + 10 / 60), "break_end")]
+    assert kinds(too_short, CALIFORNIA, at(13.5)) == ["meal_break"]
+
+
+def test_a_forgotten_clock_out_does_not_run_into_the_next_day() -> None:
+    punches = [Punch(at(8), "in"), Punch(at(8, 1), "in")]
+    assert kinds(punches, CALIFORNIA, at(12, 1)) == []

@@ -250,3 +250,24 @@ def test_regular_overtime_and_double_time_always_add_up_to_worked_time(
         weeks[start] = weeks.get(start, 0) + day.regular_minutes
     if overtime != "none":
         assert max(weeks.values(), default=0) <= 40 * 60
+
+
+def test_a_forgotten_clock_out_is_not_a_32_hour_shift_the_next_day() -> None:
+    monday = datetime(2026, 11, 2, 8, tzinfo=UTC)
+    punches = [
+        Punch(monday, "in"),
+        Punch(monday + timedelta(days=1), "in"),
+        Punch(monday + timedelta(days=1, hours=9), "out"),
+    ]
+    days = timesheet(punches, Rules("UTC", "california"), FAR_LATER)
+    assert [(d.date.day, d.worked_minutes, d.overtime_minutes, d.flags) for d in days] == [
+        (2, 0, 0, ["missing_clock_out"]),
+        (3, 540, 60, []),
+    ]
+    # An `in` and an `out` 33 hours apart: the `out` finds nobody in.
+    far_apart = [Punch(monday, "in"), Punch(monday + timedelta(hours=33), "out")]
+    days = timesheet(far_apart, Rules("UTC"), FAR_LATER)
+    assert [(d.date.day, d.worked_minutes, d.flags) for d in days] == [
+        (2, 0, ["missing_clock_out"]),
+        (3, 0, ["missing_clock_in"]),
+    ]

@@ -323,7 +323,10 @@ def _new_row(
 ) -> Row:
     assert outcome.employee is not None and outcome.site is not None
     minute, spread, count = usual.get((outcome.employee, request.kind), (None, None, 0))
-    scheduled = any(start <= request.at <= end for start, end in shifts.get(outcome.employee, ()))
+    scheduled = any(
+        _planned(request.kind, request.at, start, end)
+        for start, end in shifts.get(outcome.employee, ())
+    )
     site = sites.get(outcome.site)
     timezone = "UTC" if site is None else site["timezone"]
     manual = request.source == "manual"

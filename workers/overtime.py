@@ -74,6 +74,12 @@ def shifts(punches: Sequence[Punch], now: datetime) -> list[Shift]:
     state, since = "out", now
     for punch in punches:
         at, kind = punch.at, punch.kind
+        if current is not None and at - since > MAX_OPEN:
+            # A forgotten clock-out: the shift ended at its last punch, and this one
+            # starts afresh.
+            current.end = since
+            found.append(current)
+            current, state = None, "out"
         if current is None:
             if kind in ("in", "break_end"):
                 current = Shift(at, None, [], [])
@@ -105,13 +111,18 @@ def _worked_by(shift: Shift, limit: timedelta) -> datetime | None:
     return None
 
 
-def _missed_break(shift: Shift, after: timedelta, length: timedelta) -> datetime | None:
-    """When the shift's work passed ``after`` with no break of ``length`` begun by then."""
+def _missed_break(
+    shift: Shift, after: timedelta, length: timedelta, now: datetime
+) -> datetime | None:
+    """When the shift's work passed ``after`` (strictly: a minute more) with no break of
+    ``length`` begun by then; a break still going on is given the benefit of the doubt."""
     due = _worked_by(shift, after)
-    if due is None:
+    if due is None or _worked_by(shift, after + timedelta(minutes=1)) is None:
         return None
-    if any(start <= due and end - start >= length for start, end in shift.breaks):
-        return None
+    for start, end in shift.breaks:
+        ongoing = shift.end is None and end == now
+        if start <= due and (end - start >= length or ongoing):
+            return None
     return due
 
 
@@ -171,11 +182,11 @@ def live_findings(
     for shift in recent:
         key = f"shift/{shift.start.isoformat()}"
         if rules.overtime == "california":
-            due = _missed_break(shift, MEAL_AFTER, MEAL_BREAK)
+            due = _missed_break(shift, MEAL_AFTER, MEAL_BREAK, now)
             if due is not None:
                 found.append(LiveFinding("meal_break", key, due, {"rule": "california"}))
         if eu_wtd:
-            due = _missed_break(shift, EU_BREAK_AFTER, EU_BREAK)
+            due = _missed_break(shift, EU_BREAK_AFTER, EU_BREAK, now)
             if due is not None:
                 found.append(LiveFinding("meal_break", key, due, {"rule": "eu_wtd"}))
     if eu_wtd:

@@ -12,7 +12,8 @@ The steps, each a function below:
    ``break_end`` start work, ``break_start`` ends work and starts a break, ``out`` ends
    either. Odd sequences follow presence (``break_end`` while out starts work); a day with
    one is flagged: ``missing_clock_in`` (an ``out`` or ``break_end`` while out) or
-   ``missing_clock_out`` (an ``in`` while in, or a shift still open after ``MAX_OPEN``).
+   ``missing_clock_out`` (an ``in`` while in, or work or a break open for longer than
+   ``MAX_OPEN``, which then counts nothing: the next punch starts afresh).
    A shift still open at ``now`` and younger than ``MAX_OPEN`` counts up to ``now``. Flags
    stored on a punch are shown on its day too.
 3. **Work days**: intervals are cut at local midnight, so a night shift counts on the days
@@ -118,6 +119,11 @@ def pair(
     since: datetime | None = None
     for punch in punches:
         at, kind = punch.at, punch.kind
+        if since is not None and at - since > MAX_OPEN:
+            # Open longer than any shift: a forgotten clock-out. What was open counts
+            # nothing, its day is flagged, and this punch starts afresh.
+            flags.append((since, "missing_clock_out"))
+            state, since = "out", None
         if state == "in":
             assert since is not None
             if kind == "in":
