@@ -167,11 +167,10 @@ class LocalBroker:
                 taken += 1
             try:
                 alerts = await self._checker.check(batch)
+                if alerts:
+                    self._on_event(AlertsRaised(alerts))
             except Exception:
                 log.exception("the fraud checks failed on a batch of %d punches", len(batch))
-                alerts = []
-            if alerts:
-                self._on_event(AlertsRaised(alerts))
             for _ in range(taken):
                 self._to_check.task_done()
 

@@ -224,6 +224,8 @@ class Live:
             alert.raised_at,
         )
         delta = self.alerts(alert.tenant).raised(member)
+        if delta is None and alert.site is not None:
+            return
         if delta is not None:
             self._publish(alert.tenant, delta.channel, [delta])
         if alert.employee is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple
 
@@ -206,6 +206,10 @@ class Channel:
             ),
             maxlen=self._log.maxlen,
         )
+
+    def holds(self, match: Callable[[Member | TerminalMember | AlertMember], bool]) -> bool:
+        """Whether a change in the log matches."""
+        return any(match(change) for delta in self._log for change in delta.changes)
 
     def clear(self) -> None:
         """Forget the log, keep the version: a client behind it gets a snapshot."""
@@ -710,10 +714,14 @@ class AlertBoard:
         return channel
 
     def raised(self, alert: AlertMember) -> Delta | None:
-        """The alert as its site's next version; None for an alert of no site."""
+        """The alert as its site's next version; None for an alert of no site, or one that
+        the channel still shows (announced again after a worker died)."""
         if alert.site is None:
             return None
-        return self.channel(alert.site).record((alert,))
+        channel = self.channel(alert.site)
+        if channel.holds(lambda change: isinstance(change, AlertMember) and change.id == alert.id):
+            return None
+        return channel.record((alert,))
 
     def snapshot(self, site: str) -> Snapshot:
         """The most recent alerts of the site, oldest first."""

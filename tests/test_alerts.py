@@ -78,6 +78,11 @@ async def test_a_buddy_punch_is_stored_listed_and_pushed(tenant: TenantKit) -> N
     # The employee's phone hears it too.
     mine = await next_alert(phone)
     assert (mine["channel"], mine["id"], mine.get("version")) == ("me", alert["id"], None)
+    # Either punch of the pair resent: the same pair, nothing new (not even on the other).
+    assert (await door.punch(first))["status"] == "duplicate"
+    assert (await door.punch(second))["status"] == "duplicate"
+    with pytest.raises(TimeoutError):
+        await next_alert(lead, timeout=1.5)
     # Listed, newest first, for the roles that may see it.
     listed = (await tenant.http.get("/v1/alerts", params={"site": "hq"})).json()["alerts"]
     assert listed[0]["id"] == alert["id"]

@@ -174,3 +174,19 @@ def test_a_repeat_on_another_reader_is_the_punch_received_later() -> None:
     copy = row("e1", 5.5, device="gate", received=T0 + 40.0)
     repeats = [f[:2] for f in found([genuine, copy], two_devices_s=1.0)]
     assert repeats == [("rapid_repeat", 1)]
+
+
+def test_a_badge_shuttled_between_two_cities_is_reported_each_way_out() -> None:
+    legs = [
+        row("e1", 0.0),
+        row("e1", 600.0, kind="out", device="quay", **PORT),
+        row("e1", 1200.0, kind="in"),
+        row("e1", 1800.0, kind="out", device="quay", **PORT),
+    ]
+    assert [f[:2] for f in found(legs)] == [("impossible_travel", 1), ("impossible_travel", 3)]
+
+
+def test_an_offline_punch_is_checked_against_what_came_after_it() -> None:
+    stored_later = row("e1", 1800.0, kind="out", device="quay", new=False, **PORT)
+    queued = row("e1", 0.0, offline=True, received=T0 + 7200.0)
+    assert [f[:2] for f in found([stored_later, queued])] == [("impossible_travel", 1)]

@@ -170,8 +170,12 @@ class Checker:
         if the checks did run, and is not raised again.
         """
         fresh: dict[str, list[tuple[PunchRequest, PunchOutcome]]] = {}
+        seen: set[tuple[str, uuid.UUID]] = set()
         for request, outcome in stored:
-            if outcome.status in ("accepted", "duplicate"):
+            # One copy of each punch (a client may resend one through two hubs at once).
+            key = (request.tenant, request.id)
+            if outcome.status in ("accepted", "duplicate") and key not in seen:
+                seen.add(key)
                 fresh.setdefault(request.tenant, []).append((request, outcome))
         raised: list[Alert] = []
         for tenant, batch in fresh.items():
@@ -220,9 +224,21 @@ class Checker:
             return []
         now = datetime.now(UTC)
         offset = len(past)
-        alerts = [_alert(tenant, f, *batch[f.index - offset], now) for f in findings]
-        punches = [batch[f.index - offset][0].id for f in findings]
-        return await store_alerts(conn, alerts, punches)
+        ids = [record["id"] for record in past.values()] + [r.id for r, _ in batch]
+        made: dict[uuid.UUID, tuple[Alert, uuid.UUID]] = {}
+        for f in findings:
+            request, outcome = batch[f.index - offset]
+            # A pair's alert is the pair's, whichever of the two is checked.
+            about = sorted((request.id, ids[f.other])) if f.other >= 0 else [request.id]
+            alert = _alert(tenant, f, request, outcome, about, now)
+            made.setdefault(alert.id, (alert, request.id))
+        alerts = [alert for alert, _ in made.values()]
+        # A batch with duplicates may be a worker's batch delivered again: what it raised
+        # before may never have been announced, so it is announced again (hubs skip what
+        # they have shown).
+        again = any(outcome.status == "duplicate" for _, outcome in batch)
+        stored = await store_alerts(conn, alerts, [punch for _, punch in made.values()])
+        return alerts if again else stored
 
     async def _usual_times(
         self, conn: Conn, tenant: str, employees: list[str], leave_out: set[uuid.UUID]
@@ -334,7 +350,8 @@ def _new_row(
         employee=outcome.employee,
         kind=request.kind,
         at=request.at.timestamp(),
-        received=request.received_at.timestamp(),
+        # The first receipt (a resent punch's own is later, and no sign of its clock).
+        received=outcome.received_at.timestamp(),
         site=outcome.site,
         local_minute=_local_minute(request.at, timezone),
         new=True,
@@ -373,7 +390,12 @@ MESSAGES: Final = {
 
 
 def _alert(
-    tenant: str, finding: Finding, request: PunchRequest, outcome: PunchOutcome, now: datetime
+    tenant: str,
+    finding: Finding,
+    request: PunchRequest,
+    outcome: PunchOutcome,
+    about: list[uuid.UUID],
+    now: datetime,
 ) -> Alert:
     employee = outcome.employee
     detail: dict[str, Any] = {**finding.detail, "punch": str(request.id), "kind": request.kind}
@@ -382,7 +404,7 @@ def _alert(
     message = MESSAGES[finding.kind].format(employee=employee, **finding.detail)
     return Alert(
         tenant=tenant,
-        id=uuid.uuid5(ALERT_NAMESPACE, f"{tenant}/{finding.kind}/{request.id}"),
+        id=uuid.uuid5(ALERT_NAMESPACE, "/".join([tenant, finding.kind, *map(str, about)])),
         kind=finding.kind,
         severity=SEVERITY[finding.kind],
         employee=employee,

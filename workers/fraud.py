@@ -176,11 +176,13 @@ def arrays(rows: list[Row]) -> Punches:
 
 
 class Finding(msgspec.Struct, frozen=True):
-    """A check found punch ``index`` (of the arrays) suspicious."""
+    """A check found punch ``index`` (of the arrays) suspicious; for a pair, ``other`` is
+    the punch it was found with (-1 for a punch found alone)."""
 
     kind: str
     index: int
     detail: dict[str, float | int | str]
+    other: int = -1
 
 
 def check(punches: Punches, thresholds: Thresholds) -> list[Finding]:
@@ -235,6 +237,7 @@ def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
                 "buddy_punch",
                 int(c),
                 {"reason": "one_device", "gap_s": round(float(abs(p.at[c] - p.at[o])), 3)},
+                int(o),
             )
         )
     # One employee, two devices at once. Two clocks: the copy is the one received later.
@@ -258,6 +261,7 @@ def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
                 "buddy_punch",
                 int(c),
                 {"reason": "two_devices", "gap_s": round(float(abs(p.at[c] - p.at[o])), 3)},
+                int(o),
             )
         )
     return found
@@ -333,15 +337,25 @@ def impossible_travel(p: Punches, t: Thresholds) -> list[Finding]:
         )
         with np.errstate(invalid="ignore"):
             back[outer] = home < t.travel_min_km * 1000
-    hit = impossible & ~back & p.new[after]
-    return [
-        Finding(
-            "impossible_travel",
-            int(a),
-            {"distance_km": round(float(m) / 1000, 1), "speed_kmh": round(float(s), 1)},
+        # A leg that is itself a way back does not make the next one a way back: A, B, A,
+        # B is two trips away (few such legs: a loop costs nothing).
+        for k in outer:
+            if back[k] and back[k - 1]:
+                back[k] = False
+    chosen, other = _reported(p, before[impossible & ~back], after[impossible & ~back])
+    found = []
+    for c, o in zip(chosen, other, strict=True):
+        km = float(distance_m(lat[[o]], lon[[o]], lat[[c]], lon[[c]])[0]) / 1000
+        taken_h = max(abs(float(p.at[c] - p.at[o])), 1.0) / 3600
+        found.append(
+            Finding(
+                "impossible_travel",
+                int(c),
+                {"distance_km": round(km, 1), "speed_kmh": round(km / taken_h, 1)},
+                int(o),
+            )
         )
-        for a, m, s in zip(after[hit], metres[hit], speed[hit], strict=True)
-    ]
+    return found
 
 
 def clock_skew(p: Punches, t: Thresholds) -> list[Finding]:
@@ -367,7 +381,7 @@ def rapid_repeat(p: Punches, t: Thresholds) -> list[Finding]:
     first, second = np.where(swap, second, first), np.where(swap, first, second)
     chosen, other = _reported(p, first, second)
     return [
-        Finding("rapid_repeat", int(c), {"gap_s": round(float(abs(p.at[c] - p.at[o])), 3)})
+        Finding("rapid_repeat", int(c), {"gap_s": round(float(abs(p.at[c] - p.at[o])), 3)}, int(o))
         for c, o in zip(chosen, other, strict=True)
     ]
 
