@@ -193,6 +193,10 @@ async def test_an_enforced_geofence_refuses_a_phone_punch_from_outside(tenant: T
     vague = punch_frame("e1", geo={"lat": 52.52, "lon": 13.405, "accuracy_m": 2000})
     ack = await phone.punch(vague)
     assert (ack["status"], ack["reason"]) == ("rejected", "geofence")
+    # A phone that gives no position cannot show it is inside.
+    nowhere = punch_frame("e1")
+    ack = await phone.punch(nowhere)
+    assert (ack["status"], ack["reason"]) == ("rejected", "geofence")
     at_work = punch_frame("e1", geo={"lat": 52.5205, "lon": 13.4052, "accuracy_m": 15})
     assert (await phone.punch(at_work))["status"] == "accepted"
     assert set(await tenant.stored(at_home["id"], vague["id"], at_work["id"])) == {at_work["id"]}

@@ -110,15 +110,19 @@ WITH input AS (
              WHERE i.employee IS NULL AND by_badge.tenant = i.tenant
                AND by_badge.badge = i.badge AND by_badge.erased_at IS NULL
       ) e ON true
-      -- Only punches with a position, not entered by hand, at a site that enforces its
-      -- geofence: outside the radius, or too vague to tell ($2: the worst accuracy).
+      -- Punches with a position, and phone punches without one, at a site that enforces
+      -- its geofence (never one entered by hand): refused when there is no position, it
+      -- is too vague to tell ($2: the worst accuracy), or it is outside the radius by
+      -- more than twice its accuracy (as the `geofence` check judges).
       LEFT JOIN LATERAL (
-            SELECT i.accuracy_m > $2 OR 2 * 6371000 * asin(sqrt(least(1,
+            SELECT i.lat IS NULL OR i.lon IS NULL OR i.accuracy_m > $2
+                   OR 2 * 6371000 * asin(sqrt(least(1,
                        sin(radians(i.lat - s.lat) / 2) ^ 2
                        + cos(radians(s.lat)) * cos(radians(i.lat))
-                         * sin(radians(i.lon - s.lon) / 2) ^ 2))) > s.radius_m AS fenced
+                         * sin(radians(i.lon - s.lon) / 2) ^ 2)))
+                      - 2 * COALESCE(i.accuracy_m, 0) > s.radius_m AS fenced
               FROM sites s
-             WHERE i.lat IS NOT NULL AND i.lon IS NOT NULL AND i.source <> 'manual'
+             WHERE (i.lat IS NOT NULL OR i.source = 'mobile') AND i.source <> 'manual'
                AND s.tenant = i.tenant AND s.id = COALESCE(i.site, e.site)
                AND s.policy->>'geofence' = 'enforce' AND s.radius_m IS NOT NULL
                AND s.lat IS NOT NULL AND s.lon IS NOT NULL
@@ -370,7 +374,8 @@ async def store_punches(
     """Resolve, insert and answer punches with one statement on ``conn``.
 
     At a site whose policy enforces its geofence, a punch with a position outside the
-    radius, or with an accuracy worse than ``geofence_accuracy_m``, is refused (reason
+    radius (by more than twice its accuracy), with an accuracy worse than
+    ``geofence_accuracy_m``, or a phone's punch with no position, is refused (reason
     ``geofence``); a manual correction never is.
 
     Outside a transaction block the statement commits by itself; inside one (a
