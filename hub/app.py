@@ -29,7 +29,7 @@ from hub import protocol as p
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
-from hub.events import AlertsRaised, HubGone, HubSockets, PresenceEvent
+from hub.events import Alert, AlertsRaised, HubGone, HubSockets, PresenceEvent
 from hub.limits import (
     AddressLimiter,
     FloodMemory,
@@ -160,15 +160,15 @@ class Hub:
         await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
 
     async def _scan(self, scan: OvertimeScan) -> None:
+        async def announce(alerts: list[Alert]) -> None:
+            self.presence(AlertsRaised(alerts))
+
         while True:
             await asyncio.sleep(scan.interval_s)
             try:
-                alerts = await scan.scan()
+                await scan.scan(announce)
             except Exception:
                 log.exception("the overtime scan failed; it runs again in %.0f s", scan.interval_s)
-                continue
-            if alerts:
-                self.presence(AlertsRaised(alerts))
 
     async def stop(self) -> None:
         for task in (self._following, self._clock, self._scanning):

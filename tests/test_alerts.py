@@ -276,3 +276,49 @@ async def test_the_scan_raises_overtime_a_missed_meal_break_and_lateness_once(
             await next_alert(lead, timeout=2.5)
         await door.close()
         await lead.close()
+
+
+async def test_the_scan_announces_before_it_stores_and_a_failed_announcement_is_retried(
+    database: str, bare_tenant: str, owner: asyncpg.Connection
+) -> None:
+    from hub import store
+    from workers.scan import OvertimeScan
+
+    await owner.execute(
+        'UPDATE sites SET timezone = $2, policy = \'{"overtime": "california"}\' '
+        "WHERE tenant = $1 AND id = 'hq'",
+        bare_tenant,
+        afternoon_zone(),
+    )
+    await owner.execute(
+        """INSERT INTO punches (tenant, id, employee, kind, at, received_at, site, source)
+           VALUES ($1, $2, 'e1', 'in', now() - interval '8 hours 30 minutes', now(), 'hq',
+                   'terminal')""",
+        bare_tenant,
+        uuid.uuid4(),
+    )
+    pool = await store.create_system_pool(database)
+    try:
+        scan = OvertimeScan(pool)
+
+        async def fail(alerts: list[Any]) -> None:
+            raise ConnectionError("Redis went away")
+
+        with pytest.raises(ConnectionError):
+            await scan.scan(fail)
+        stored = "SELECT kind FROM alerts WHERE tenant = $1 ORDER BY kind"
+        assert await owner.fetch(stored, bare_tenant) == []
+        heard: list[Any] = []
+
+        async def hear(alerts: list[Any]) -> None:
+            heard.extend(alerts)
+
+        await scan.scan(hear)
+        mine = sorted(a.kind for a in heard if a.tenant == bare_tenant)
+        assert mine == ["meal_break", "overtime"]
+        assert [r["kind"] for r in await owner.fetch(stored, bare_tenant)] == mine
+        heard.clear()
+        await scan.scan(hear)
+        assert [a for a in heard if a.tenant == bare_tenant] == []
+    finally:
+        await pool.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -27,6 +28,9 @@ from workers.overtime import EU_REFERENCE_WEEKS, LiveFinding, average_week, live
 from workers.timesheets import Punch, Rules
 
 log = logging.getLogger(__name__)
+
+# Tells every hub of new alerts (the hub's own presence, or the presence stream).
+Announce = Callable[[list[Alert]], Awaitable[None]]
 
 SCAN_NAMESPACE: Final = uuid.UUID("0b9a8c7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d")
 # Who is looked at: anyone who punched within this, and their punches within the second.
@@ -79,6 +83,13 @@ SELECT s.tenant, s.employee, s.site, s.starts_at, s.ends_at
                   ORDER BY p.at DESC, p.id DESC LIMIT 1), 'out') = 'out'
 """
 
+# Which of these alerts are stored already.
+KNOWN_SQL: Final = """
+SELECT a.tenant, a.id
+  FROM unnest($1::text[], $2::uuid[]) AS k(tenant, id)
+  JOIN alerts a ON a.tenant = k.tenant AND a.id = k.id
+"""
+
 PUNCHES_SQL: Final = """
 SELECT p.tenant, p.employee, p.kind, p.at
   FROM unnest($1::text[], $2::text[]) AS w(tenant, employee)
@@ -97,8 +108,14 @@ class OvertimeScan:
         # When the 17-week averages were last looked at (they change slowly).
         self._averaged: datetime | None = None
 
-    async def scan(self, now: datetime | None = None) -> list[Alert]:
-        """The alerts raised now that were not raised before (stored as they are found)."""
+    async def scan(self, announce: Announce, now: datetime | None = None) -> list[Alert]:
+        """Find the alerts due now that were not raised before: ``announce`` them, then
+        store them; returns them.
+
+        Announced first: if announcing fails nothing is stored, and the next scan finds
+        them again; if storing fails after, the next scan announces them again, and hubs
+        skip what they still show.
+        """
         now = now or datetime.now(UTC)
         async with self._pool.acquire() as conn:
             alerts = [_late(shift, now) for shift in await conn.fetch(LATE_SQL, now)]
@@ -127,7 +144,13 @@ class OvertimeScan:
                 alerts += await self._averages(conn, active, now)
             if not alerts:
                 return []
-            return await store_alerts(conn, alerts, [None] * len(alerts))
+            known = await conn.fetch(KNOWN_SQL, [a.tenant for a in alerts], [a.id for a in alerts])
+            raised = {(r["tenant"], r["id"]) for r in known}
+            fresh = [a for a in alerts if (a.tenant, a.id) not in raised]
+            if fresh:
+                await announce(fresh)
+                await store_alerts(conn, fresh, [None] * len(fresh))
+            return fresh
 
     async def _averages(
         self, conn: Conn, active: list[asyncpg.Record], now: datetime

@@ -258,16 +258,17 @@ class StreamWorker:
             try:
                 if not await self._redis.set(self._keys.scan_lock, self.name, nx=True, px=lock_ms):
                     continue
-                alerts = await scan.scan()
-                if alerts:
-                    await self._redis.xadd(
-                        self._keys.presence,
-                        event_fields(AlertsRaised(alerts)),
-                        maxlen=EVENTS_MAX,
-                        approximate=True,
-                    )
+                await scan.scan(self._announce)
             except Exception:
                 log.exception("the overtime scan failed; it runs again in %.0f s", scan.interval_s)
+
+    async def _announce(self, alerts: list[Alert]) -> None:
+        await self._redis.xadd(
+            self._keys.presence,
+            event_fields(AlertsRaised(alerts)),
+            maxlen=EVENTS_MAX,
+            approximate=True,
+        )
 
     async def reclaim(self) -> int:
         """Take over entries other consumers left unacknowledged; how many were handled."""
