@@ -725,3 +725,38 @@ async def test_redis_losing_its_data_does_not_make_live_hubs_look_dead(
     await redis_client.set(keys.hub("slow-hub"), b"1", px=60_000)
     await asyncio.sleep(0.7)
     assert not [e for e in watcher.events if isinstance(e, HubGone)]
+
+
+async def test_a_batch_that_could_not_be_checked_is_checked_when_read_again(
+    redis_rig: Rig, tenant: str, owner: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.checks
+
+    real = workers.checks.Checker.check
+    outages = [OSError("PostgreSQL went away")]
+
+    async def flaky(self: Any, stored: Any) -> Any:
+        if outages:
+            raise outages.pop()
+        return await real(self, stored)
+
+    monkeypatch.setattr(workers.checks.Checker, "check", flaky)
+    worker = redis_rig.worker("w", claim_idle_ms=300)
+    redis_rig.workers.append((worker, asyncio.create_task(worker.run())))
+    skewed = request(tenant, at=datetime.now(UTC) - timedelta(hours=1))
+    # Stored and answered at once, checked only on the second reading.
+    assert (await submit(redis_rig.broker, skewed)).status == "accepted"
+    for _ in range(500):
+        if any(isinstance(e, AlertsRaised) for e in redis_rig.events):
+            break
+        await asyncio.sleep(0.01)
+    raised = [a for e in redis_rig.events if isinstance(e, AlertsRaised) for a in e.alerts]
+    assert [a.kind for a in raised] == ["clock_skew"]
+    assert outages == []
+    assert redis_rig.redis is not None and redis_rig.keys is not None
+    for _ in range(200):
+        if (await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP))["pending"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await redis_rig.redis.xpending(redis_rig.keys.punches, WORKER_GROUP))["pending"] == 0
+    assert await stored_count(owner, tenant) == 1

@@ -154,7 +154,7 @@ SELECT p.tenant, p.id, p.employee, p.kind, p.at, p.received_at
   JOIN punches p ON p.tenant = q.tenant AND p.id = q.id
 """
 
-_CONNECTION_ERRORS: Final = (
+CONNECTION_ERRORS: Final = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.exceptions.InterfaceError,
@@ -319,7 +319,7 @@ async def commit_punches(
     outcomes: list[PunchOutcome | Exception]
     try:
         outcomes = list(await _commit_batch(pool, requests, geofence_accuracy_m))
-    except _CONNECTION_ERRORS as exc:
+    except CONNECTION_ERRORS as exc:
         metrics.BATCH_FAILURES.labels("unavailable").inc()
         log.warning("punch batch of %d not committed: %s", len(requests), exc)
         raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
@@ -346,7 +346,7 @@ async def _commit_singly(
     for request in requests:
         try:
             results.extend(await _commit_batch(pool, [request], geofence_accuracy_m))
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             results.append(StoreUnavailable(str(exc) or type(exc).__name__))
         except asyncpg.PostgresError as exc:
             log.error("punch %s cannot be stored: %s", request.id, exc)

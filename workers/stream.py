@@ -39,6 +39,7 @@ from hub.events import Alert, AlertsRaised, PunchesCommitted
 from hub.redis_keys import WORKER_GROUP, RedisKeys
 from workers.checks import Checker
 from workers.persist import (
+    CONNECTION_ERRORS,
     PunchOutcome,
     PunchRequest,
     StoreUnavailable,
@@ -202,6 +203,10 @@ class StreamWorker:
             # the entries are acknowledged, so that a worker dying in between leaves them
             # to be checked again.
             alerts = await self._check(requests, outcomes)
+            if alerts is None:
+                # Left pending: taken again (by the janitor, after the idle time), committed
+                # again as a no-op, and checked then.
+                return
             pipe = self._redis.pipeline(transaction=False)
             if alerts:
                 pipe.xadd(
@@ -222,7 +227,9 @@ class StreamWorker:
 
     async def _check(
         self, requests: list[PunchRequest], outcomes: list[PunchOutcome | Exception]
-    ) -> list[Alert]:
+    ) -> list[Alert] | None:
+        """The batch's alerts; None if PostgreSQL could not be reached to check it (the
+        entries are then left to be read and checked again)."""
         committed = [
             (request, outcome)
             for request, outcome in zip(requests, outcomes, strict=True)
@@ -230,8 +237,16 @@ class StreamWorker:
         ]
         try:
             return await self._checker.check(committed)
+        except CONNECTION_ERRORS as exc:
+            log.warning(
+                "committed and answered %d punches but could not check them (%s): they are "
+                "checked when read again",
+                len(committed),
+                exc,
+            )
+            return None
         except Exception:
-            # The punches are stored and answered; only their alerts are missing.
+            # A bug: the punches are stored and answered; only their alerts are missing.
             log.exception("the fraud checks failed on a batch of %d punches", len(committed))
             return []
 
