@@ -31,7 +31,16 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from workers.timesheets import MAX_OPEN, Punch, Rules, round_time, timesheet, week_of
+from workers.timesheets import (
+    MAX_OPEN,
+    Punch,
+    Rules,
+    Shift,
+    round_time,
+    shifts,
+    timesheet,
+    week_of,
+)
 
 # How far ahead ``overtime_approaching`` looks, and in what steps.
 APPROACH: Final = timedelta(hours=1)
@@ -56,49 +65,6 @@ class LiveFinding(msgspec.Struct, frozen=True):
     key: str
     at: datetime
     detail: dict[str, Any]
-
-
-class Shift(msgspec.Struct):
-    """From a clock-in (when out) to the clock-out; ``end`` None while open."""
-
-    start: datetime
-    end: datetime | None
-    work: list[tuple[datetime, datetime]]
-    breaks: list[tuple[datetime, datetime]]
-
-
-def shifts(punches: Sequence[Punch], now: datetime) -> list[Shift]:
-    """The shifts in punches ordered by time; open work or breaks count up to ``now``."""
-    found: list[Shift] = []
-    current: Shift | None = None
-    state, since = "out", now
-    for punch in punches:
-        at, kind = punch.at, punch.kind
-        if current is not None and at - since > MAX_OPEN:
-            # A forgotten clock-out: the shift ended at its last punch, and this one
-            # starts afresh.
-            current.end = since
-            found.append(current)
-            current, state = None, "out"
-        if current is None:
-            if kind in ("in", "break_end"):
-                current = Shift(at, None, [], [])
-                state, since = "in", at
-            continue
-        if state == "in" and kind in ("break_start", "out"):
-            current.work.append((since, at))
-            state, since = ("break", at) if kind == "break_start" else ("out", at)
-        elif state == "break" and kind in ("break_end", "in", "out"):
-            current.breaks.append((since, at))
-            state, since = ("out", at) if kind == "out" else ("in", at)
-        if state == "out":
-            current.end = at
-            found.append(current)
-            current = None
-    if current is not None:
-        (current.work if state == "in" else current.breaks).append((since, max(since, now)))
-        found.append(current)
-    return found
 
 
 def _worked_by(shift: Shift, limit: timedelta) -> datetime | None:
@@ -137,7 +103,7 @@ def live_findings(
         key=lambda p: p.at,
     )
     found: list[LiveFinding] = []
-    worked = shifts(ordered, now)
+    worked, _ = shifts(ordered, now)
     recent = [s for s in worked if s.end is None or now - s.end <= LOOKBACK]
     current = worked[-1] if worked and worked[-1].end is None else None
     if current is not None and now - current.start > MAX_OPEN:

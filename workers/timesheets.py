@@ -107,51 +107,85 @@ def round_time(at: datetime, minutes: int, zone: ZoneInfo) -> datetime:
     return (whole + timedelta(minutes=step) - offset).replace(tzinfo=UTC)
 
 
-def pair(
+class Shift(msgspec.Struct):
+    """From a clock-in (when out) to the clock-out; ``end`` None while open, and then
+    ``open_since`` is when its last work or break (counted up to now) began, ``on_break``
+    which of the two it is."""
+
+    start: datetime
+    end: datetime | None
+    work: list[Interval]
+    breaks: list[Interval]
+    open_since: datetime | None = None
+    on_break: bool = False
+
+
+def shifts(
     punches: Iterable[Punch], now: datetime
-) -> tuple[list[Interval], list[Interval], list[tuple[datetime, str]]]:
-    """Work intervals, break intervals, and (when, flag) for the odd places, from punches in
-    order of time."""
-    work: list[Interval] = []
-    breaks: list[Interval] = []
+) -> tuple[list[Shift], list[tuple[datetime, str]]]:
+    """The shifts in punches ordered by time (work or a break still open counts up to
+    ``now``), and (when, flag) for the odd places."""
+    found: list[Shift] = []
     flags: list[tuple[datetime, str]] = []
+    current: Shift | None = None
     state: Literal["in", "break", "out"] = "out"
-    since: datetime | None = None
+    since = now
     for punch in punches:
         at, kind = punch.at, punch.kind
-        if since is not None and at - since > MAX_OPEN:
-            # Open longer than any shift: a forgotten clock-out. What was open counts
-            # nothing, its day is flagged, and this punch starts afresh.
+        if current is not None and at - since > MAX_OPEN:
+            # Open longer than any shift: a forgotten clock-out. The shift ended at its
+            # last punch, what was open counts nothing, and this punch starts afresh.
             flags.append((since, "missing_clock_out"))
-            state, since = "out", None
+            current.end = since
+            found.append(current)
+            current, state = None, "out"
+        if current is None:
+            if kind in ("out", "break_start"):
+                flags.append((at, "missing_clock_in"))
+                continue
+            if kind == "break_end":
+                flags.append((at, "missing_clock_in"))
+            current = Shift(at, None, [], [])
+            state, since = "in", at
+            continue
         if state == "in":
-            assert since is not None
             if kind == "in":
                 # A clock-in without a clock-out before it: the work goes on from the first.
                 flags.append((at, "missing_clock_out"))
                 continue
             if kind == "break_end":
                 continue
-            work.append((since, at))
-            state, since = ("break", at) if kind == "break_start" else ("out", None)
-        elif state == "break":
-            assert since is not None
+            current.work.append((since, at))
+            state, since = ("break", at) if kind == "break_start" else ("out", at)
+        else:
             if kind == "break_start":
                 continue
-            breaks.append((since, at))
-            state, since = ("out", None) if kind == "out" else ("in", at)
-        else:
-            if kind in ("out", "break_start"):
-                flags.append((at, "missing_clock_in"))
-                continue
-            if kind == "break_end":
-                flags.append((at, "missing_clock_in"))
-            state, since = "in", at
-    if since is not None:
-        if now - since <= MAX_OPEN:
-            (work if state == "in" else breaks).append((since, max(since, now)))
-        else:
-            flags.append((since, "missing_clock_out"))
+            current.breaks.append((since, at))
+            state, since = ("out", at) if kind == "out" else ("in", at)
+        if state == "out":
+            current.end = at
+            found.append(current)
+            current = None
+    if current is not None:
+        (current.work if state == "in" else current.breaks).append((since, max(since, now)))
+        current.open_since, current.on_break = since, state == "break"
+        found.append(current)
+    return found, flags
+
+
+def pair(
+    punches: Iterable[Punch], now: datetime
+) -> tuple[list[Interval], list[Interval], list[tuple[datetime, str]]]:
+    """Work intervals, break intervals, and (when, flag) for the odd places, from punches in
+    order of time. What is still open counts up to ``now``, unless it has been open for
+    longer than ``MAX_OPEN``: then it counts nothing, and is flagged."""
+    found, flags = shifts(punches, now)
+    last = found[-1] if found else None
+    if last is not None and last.open_since is not None and now - last.open_since > MAX_OPEN:
+        (last.breaks if last.on_break else last.work).pop()
+        flags.append((last.open_since, "missing_clock_out"))
+    work = [interval for shift in found for interval in shift.work]
+    breaks = [interval for shift in found for interval in shift.breaks]
     return work, breaks, flags
 
 
