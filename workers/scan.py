@@ -120,17 +120,7 @@ class OvertimeScan:
         async with self._pool.acquire() as conn:
             alerts = [_late(shift, now) for shift in await conn.fetch(LATE_SQL, now)]
             active = await conn.fetch(ACTIVE_SQL, now - ACTIVE)
-            rows = await conn.fetch(
-                PUNCHES_SQL,
-                [a["tenant"] for a in active],
-                [a["employee"] for a in active],
-                now - HISTORY,
-            )
-            punches: dict[tuple[str, str], list[Punch]] = {}
-            for row in rows:
-                punches.setdefault((row["tenant"], row["employee"]), []).append(
-                    Punch(row["at"], row["kind"])
-                )
+            punches = await _punches_of(conn, active, now - HISTORY)
             for employee in active:
                 policy = employee["policy"] or {}
                 rules = Rules.from_policy(employee["timezone"], policy)
@@ -159,17 +149,7 @@ class OvertimeScan:
         watched = [a for a in active if (a["policy"] or {}).get("eu_wtd")]
         if not watched:
             return []
-        rows = await conn.fetch(
-            PUNCHES_SQL,
-            [a["tenant"] for a in watched],
-            [a["employee"] for a in watched],
-            now - timedelta(weeks=EU_REFERENCE_WEEKS + 2),
-        )
-        punches: dict[tuple[str, str], list[Punch]] = {}
-        for row in rows:
-            punches.setdefault((row["tenant"], row["employee"]), []).append(
-                Punch(row["at"], row["kind"])
-            )
+        punches = await _punches_of(conn, watched, now - timedelta(weeks=EU_REFERENCE_WEEKS + 2))
         alerts = []
         for employee in watched:
             rules = Rules.from_policy(employee["timezone"], employee["policy"])
@@ -178,6 +158,24 @@ class OvertimeScan:
             if finding is not None:
                 alerts.append(_alert(employee, finding, now))
         return alerts
+
+
+async def _punches_of(
+    conn: Conn, employees: list[asyncpg.Record], since: datetime
+) -> dict[tuple[str, str], list[Punch]]:
+    """The employees' punches since ``since``, in time order, by (tenant, employee)."""
+    rows = await conn.fetch(
+        PUNCHES_SQL,
+        [e["tenant"] for e in employees],
+        [e["employee"] for e in employees],
+        since,
+    )
+    punches: dict[tuple[str, str], list[Punch]] = {}
+    for row in rows:
+        punches.setdefault((row["tenant"], row["employee"]), []).append(
+            Punch(row["at"], row["kind"])
+        )
+    return punches
 
 
 def _late(shift: asyncpg.Record, now: datetime) -> Alert:
