@@ -216,6 +216,25 @@ def _reported(p: Punches, before: Ints, after: Ints) -> tuple[Ints, Ints]:
     return chosen[keep], other[keep]
 
 
+def _by_receipt(
+    p: Punches, first: Ints, second: Ints, where: Bools | None = None
+) -> tuple[Ints, Ints]:
+    """The pairs reordered (``where`` given, only there) so that the punch received later
+    is second: with two devices' clocks, `at` cannot tell which came after."""
+    swap = p.received[first] > p.received[second]
+    if where is not None:
+        swap &= where
+    return np.where(swap, second, first), np.where(swap, first, second)
+
+
+def _gap_findings(p: Punches, kind: str, chosen: Ints, other: Ints, **detail: str) -> list[Finding]:
+    """A finding per pair, on ``chosen``, with the gap between the two punches."""
+    return [
+        Finding(kind, int(c), {**detail, "gap_s": round(float(abs(p.at[c] - p.at[o])), 3)}, int(o))
+        for c, o in zip(chosen, other, strict=True)
+    ]
+
+
 def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
     found: list[Finding] = []
     if p.size < 2:
@@ -231,15 +250,7 @@ def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
         & (p.new[after] | p.new[before])
     )
     chosen, other = _reported(p, before[hit], after[hit])
-    for c, o in zip(chosen, other, strict=True):
-        found.append(
-            Finding(
-                "buddy_punch",
-                int(c),
-                {"reason": "one_device", "gap_s": round(float(abs(p.at[c] - p.at[o])), 3)},
-                int(o),
-            )
-        )
+    found += _gap_findings(p, "buddy_punch", chosen, other, reason="one_device")
     # One employee, two devices at once. Two clocks: the copy is the one received later.
     before, after, same = _consecutive(p.employee, p.at)
     gap = p.at[after] - p.at[before]
@@ -251,20 +262,9 @@ def buddy_punch(p: Punches, t: Thresholds) -> list[Finding]:
         & (gap < t.two_devices_s)
         & (p.new[after] | p.new[before])
     )
-    first, second = before[hit], after[hit]
-    swap = p.received[first] > p.received[second]
-    first, second = np.where(swap, second, first), np.where(swap, first, second)
+    first, second = _by_receipt(p, before[hit], after[hit])
     chosen, other = _reported(p, first, second)
-    for c, o in zip(chosen, other, strict=True):
-        found.append(
-            Finding(
-                "buddy_punch",
-                int(c),
-                {"reason": "two_devices", "gap_s": round(float(abs(p.at[c] - p.at[o])), 3)},
-                int(o),
-            )
-        )
-    return found
+    return found + _gap_findings(p, "buddy_punch", chosen, other, reason="two_devices")
 
 
 def distance_m(lat1: Floats, lon1: Floats, lat2: Floats, lon2: Floats) -> Floats:
