@@ -25,8 +25,8 @@ punches), and every injected punch is labelled with the kinds whose pattern it h
   carries both labels.
 * ``geofence``: a phone "in" or "out" from home (1-30 km away, accuracy 5-60 m), or with a
   position of accuracy 500-3000 m.
-* ``impossible_travel``: the employee's badge used at a site in another city 3-45 minutes
-  after he punched at his home site.
+* ``impossible_travel``: the employee's badge clocks in at a site in another city 3-45
+  minutes after he clocked in at his home site (a badge lent to someone working there).
 * ``clock_skew``: a terminal whose clock is set 10-120 minutes off for 2-8 hours; every
   online punch it takes meanwhile is labelled (offline ones are not: the check does not
   look at them by design).
@@ -567,7 +567,7 @@ def _inject(
         if done >= per_kind:
             break
         i = intents[n]
-        if i.kind not in ("in", "break_end") or not free(i) or i.site != people[i.emp].site:
+        if i.kind != "in" or not free(i) or i.site != people[i.emp].site:
             continue
         far_sites = [j for j, s in enumerate(sites) if s.city != sites[i.site].city]
         if not far_sites:

@@ -41,6 +41,9 @@ def test_turns_at_a_reader_are_honest_and_a_colleague_right_behind_is_not() -> N
     assert found(queue) == []
     buddy = [row("e1", 0.0), row("e2", 0.8)]
     assert found(buddy) == [("buddy_punch", 1, "one_device")]
+    # The default: people pass a reader at most 40 a minute, 1.5 s each.
+    assert found([row("e1", 0.0), row("e2", 1.6)]) == []
+    assert found([row("e1", 0.0), row("e2", 1.4)]) == [("buddy_punch", 1, "one_device")]
     # The same employee twice on one reader is not a buddy punch (it is a rapid repeat).
     assert [f[0] for f in found([row("e1", 0.0), row("e1", 0.8)])] == ["rapid_repeat"]
 

@@ -49,8 +49,9 @@ class Thresholds(msgspec.Struct, frozen=True):
     """Every threshold of the checks, with its default."""
 
     # One device, two different employees closer together than this: nobody takes turns
-    # at a reader that fast (one steps away, the next presents a badge).
-    buddy_gap_s: float = 1.2
+    # at a reader that fast (one steps away, the next presents a badge). Transit gates,
+    # built for it, pass at most 30-40 people a minute at peak, 1.5 s or more each.
+    buddy_gap_s: float = 1.5
     # One employee on two different devices within this.
     two_devices_s: float = 60.0
     # A position with an accuracy (radius, metres) worse than this cannot tell in from out.
