@@ -11,7 +11,11 @@ $(BIN)/attendance-hub: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(BIN)/attendance-hub
+# The JS client's test dependencies (ws, ajv, typescript), pinned by package-lock.json.
+clients/js/node_modules/.package-lock.json: clients/js/package.json clients/js/package-lock.json
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error
+
+install: $(BIN)/attendance-hub clients/js/node_modules/.package-lock.json
 
 demo: install
 	$(BIN)/attendance-hub serve --demo
