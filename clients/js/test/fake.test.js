@@ -11,7 +11,7 @@ import { until } from "./hub.js";
 
 /** A fake hub: answers hello with welcome; `onFrame(frame, socket)` sees the rest. */
 class FakeHub {
-  constructor({ onFrame = () => {}, welcome = {}, answerPings = true, skewMs = 0 } = {}) {
+  constructor({ onFrame = () => {}, welcome = {}, answerPings = true, skewMs = 0, refuse = () => false } = {}) {
     this.frames = [];
     this.sockets = [];
     this.connections = 0;
@@ -25,7 +25,10 @@ class FakeHub {
         this.frames.push({ frame, at: Date.now() });
         const send = (reply) => socket.send(JSON.stringify(reply));
         const serverTime = new Date(Date.now() + skewMs).toISOString();
-        if (frame.type === "hello") {
+        if (frame.type === "hello" && refuse(frame)) {
+          send({ type: "error", code: "token_expired", message: "the token has expired" });
+          socket.close(4001, "token_expired");
+        } else if (frame.type === "hello") {
           send({ type: "welcome", session: uuid4(), server_time: serverTime, heartbeat_s: 30, role: "terminal", tenant: "t", sub: "door", ref: frame.ref, ...welcome });
         } else if (frame.type === "ping" && answerPings) {
           send({ type: "pong", t: frame.t, server_time: serverTime, ref: frame.ref });
@@ -161,6 +164,35 @@ describe("liveness", () => {
       { ...hub.frames[0].frame, ref: undefined },
       { type: "hello", token: "t.e.st", client: "door-7 fw 1.0", ref: undefined },
     );
+  });
+});
+
+describe("tokens", () => {
+  test("closed 4001: without getToken the client stops; with it, it fetches a token and comes back", async () => {
+    const hub = await fake({ refuse: (hello) => hello.token === "expired" });
+    const stuck = client({ url: hub.url, token: "expired", backoffBaseMs: 50 });
+    stuck.connect();
+    await until(() => stuck.states.some((s) => s.reason === "auth"), 5_000, "the 4001");
+    const auth = stuck.states.find((s) => s.reason === "auth");
+    assert.equal(auth.code, 4001);
+    assert.equal(auth.retryInMs, null, "a bad token is not retried");
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(hub.connections, 1);
+
+    let fetched = 0;
+    const renewed = client({
+      url: hub.url,
+      token: "expired",
+      backoffBaseMs: 50,
+      getToken: async () => {
+        fetched += 1;
+        return "fresh.to.ken";
+      },
+    });
+    renewed.connect();
+    await until(() => renewed.state === CONNECTED, 5_000, "connected with the new token");
+    assert.equal(fetched, 1);
+    assert.equal(hub.sent("hello").at(-1).frame.token, "fresh.to.ken");
   });
 });
 
