@@ -7,22 +7,26 @@ import contextlib
 import gc
 import logging
 import math
+import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub import metrics, store
 from hub import protocol as p
@@ -293,6 +297,58 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+# The dashboard and kiosk pages, their scripts and styles; `lib` links to clients/js/src.
+WEB = Path(__file__).parent / "web"
+# A Host header fit to be written into the page policy: a name or address and a port.
+_POLICY_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def web_headers(host: str | None) -> dict[str, str]:
+    """Headers of every page and page file: nothing inline, nothing from another origin,
+    and a check with the hub on every load so that a new version is picked up at once."""
+    connect = "'self'"
+    if host is not None and _POLICY_HOST.fullmatch(host):
+        # Only CSP Level 3 browsers let 'self' cover the WebSocket of the page's own host.
+        connect += f" ws://{host} wss://{host}"
+    policy = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        f"connect-src {connect}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return {
+        "content-security-policy": policy,
+        "cache-control": "no-cache",
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+    }
+
+
+def web_file(name: str) -> Callable[[Request], Awaitable[Response]]:
+    path = WEB / name
+
+    async def endpoint(request: Request) -> Response:
+        return FileResponse(path, headers=web_headers(request.headers.get("host")))
+
+    return endpoint
+
+
+class WebFiles:
+    """Static files from a directory, with the pages' headers."""
+
+    def __init__(self, directory: Path) -> None:
+        # The library is a symbolic link out of the package in a source checkout.
+        self.files = StaticFiles(directory=directory, follow_symlink=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        extra = web_headers(Headers(scope=scope).get("host"))
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(extra)
+            await send(message)
+
+        await self.files(scope, receive, send_with_headers)
+
+
 async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -353,6 +409,12 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/", web_file("dashboard.html"), methods=["GET"]),
+        Route("/kiosk", web_file("kiosk.html"), methods=["GET"]),
+        # At the root, so that the worker may serve /kiosk itself while the hub is down.
+        Route("/kiosk-worker.js", web_file("kiosk-worker.js"), methods=["GET"]),
+        Mount("/js", app=WebFiles(WEB / "lib")),
+        Mount("/static", app=WebFiles(WEB)),
     ]
     app = Starlette(
         routes=routes,

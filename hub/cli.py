@@ -318,6 +318,8 @@ def _print_demo(base: str, tokens: dict[str, str]) -> None:
     )
     for role, token in tokens.items():
         print(f"  {role:<10} token: {token}")
+    print(f"Open  {base}/        the supervisor dashboard: paste the supervisor token")
+    print(f"      {base}/kiosk   the kiosk at the door: paste the terminal token")
     print(f"Try:  curl -H 'Authorization: Bearer {tokens['admin'][:12]}...' {base}/v1/employees")
     print(f"      curl -H 'Authorization: Bearer <supervisor token>' {base}/v1/presence/hq")
     print(flush=True)

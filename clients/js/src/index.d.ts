@@ -12,6 +12,7 @@ export type ConnectionState = "disconnected" | "connecting" | "connected";
 /**
  * Why the state changed:
  * - `connect`: `connect()` was called; `retry`: the backoff (or a drain's delay) ran out;
+ *   `online`: the browser reported the network back, so the wait was cut short;
  * - `welcome`: the hub accepted the hello;
  * - `unreachable`: the socket never opened; `closed`: closed with no code we know;
  * - `dead`: the hub went silent for `deadAfterMs`; `hello_timeout`: no welcome in time;
@@ -24,6 +25,7 @@ export type ConnectionState = "disconnected" | "connecting" | "connected";
 export type StateReason =
   | "connect"
   | "retry"
+  | "online"
   | "welcome"
   | "unreachable"
   | "closed"
@@ -435,6 +437,8 @@ export declare class AttendanceClient extends Emitter<ClientEvents> {
   /** Round trip of the ping the offset comes from, ms; null until measured. */
   readonly rttMs: number | null;
   token: string | null;
+  /** The code of the last token error from the hub (`bad_token`, `token_expired`, `token_revoked`), if any. */
+  readonly tokenError: string | undefined;
   connect(): this;
   close(): void;
   punch(fields: PunchFields): Promise<QueuedPunch>;

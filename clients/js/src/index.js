@@ -268,6 +268,7 @@ export class AttendanceClient extends Emitter {
   #offsetSamples = [];
   #pumpTimer = null;
   #sentTimes = [];
+  #onOnline;
 
   constructor(options) {
     super();
@@ -286,6 +287,9 @@ export class AttendanceClient extends Emitter {
     this.offsetMs = options.offsetMs ?? 0;
     /** The round trip of the ping the offset came from, ms; null until measured. */
     this.rttMs = null;
+    // Browsers: when the network comes back, try at once rather than after the backoff.
+    this.#onOnline = () => this.#retryNow();
+    globalThis.addEventListener?.("online", this.#onOnline);
     this.#loaded = this.#store.load().then((punches) => {
       for (const p of punches) {
         this.#order = Math.max(this.#order, p.order);
@@ -325,6 +329,7 @@ export class AttendanceClient extends Emitter {
   /** Closes the session for good (queued punches stay in the store). */
   close() {
     this.#wanted = false;
+    globalThis.removeEventListener?.("online", this.#onOnline);
     this.#clearTimers();
     const socket = this.#socket;
     this.#socket = null;
@@ -467,6 +472,12 @@ export class AttendanceClient extends Emitter {
     };
   }
 
+  #retryNow() {
+    if (!this.#wanted || this.#reconnectTimer === null) return;
+    this.#clear(this.#reconnectTimer);
+    this.#open("online");
+  }
+
   #detach(socket) {
     socket.onopen = socket.onmessage = socket.onerror = socket.onclose = null;
   }
@@ -601,8 +612,13 @@ export class AttendanceClient extends Emitter {
   }
 
   #error(frame) {
-    if (frame.id) {
-      const p = this.#queue.find((q) => q.id === frame.id);
+    // Punches are sent with ref `p:<id>`: an error about one names it by `id` or by `ref`.
+    const punchId = frame.id ?? (frame.ref?.startsWith("p:") ? frame.ref.slice(2) : null);
+    if (punchId && frame.code === "bad_frame") {
+      // The hub cannot read it: resending it unchanged would fail the same way.
+      this.#answered(punchId, { type: "ack", id: punchId, status: "rejected", reason: "bad_frame", message: frame.message });
+    } else if (punchId) {
+      const p = this.#queue.find((q) => q.id === punchId);
       if (p) {
         // Not stored (unavailable, rate_limited, internal): keep it and send it again later.
         p.sentAt = null;
@@ -630,7 +646,11 @@ export class AttendanceClient extends Emitter {
       this.#subs.get("me")?.emit("ack", frame);
       return;
     }
-    const index = this.#queue.findIndex((q) => q.id === frame.id);
+    this.#answered(frame.id, frame);
+  }
+
+  #answered(id, frame) {
+    const index = this.#queue.findIndex((q) => q.id === id);
     if (index < 0) return; // answered already (a resend's second answer)
     const [entry] = this.#queue.splice(index, 1);
     const punch = { id: entry.id, frame: entry.frame, created: entry.created };

@@ -270,6 +270,25 @@ describe("the queue", () => {
     assert.deepEqual(c.pending(), []);
   });
 
+  test("a punch the hub cannot read (bad_frame, named only by its ref) is rejected, not resent", async () => {
+    const hub = await fake({
+      onFrame: (frame, send) => {
+        if (frame.type === "punch") send({ type: "error", code: "bad_frame", ref: frame.ref, message: "Expected `str` matching regex - at `$.employee`" });
+      },
+    });
+    const c = client({ url: hub.url });
+    const rejected = [];
+    c.on("rejected", (frame, punch) => rejected.push({ frame, punch }));
+    c.connect();
+    const p = await c.punch({ employee: "not an id!", kind: "in" });
+    await until(() => rejected.length === 1, 5_000, "the rejection");
+    assert.equal(rejected[0].punch.id, p.id);
+    assert.equal(rejected[0].frame.reason, "bad_frame");
+    assert.deepEqual(c.pending(), []);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.equal(hub.sent("punch").length, 1);
+  });
+
   test("an unacked punch is resent after a reconnect with the same id", async () => {
     const hub = await fake();
     const c = client({ url: hub.url, backoffBaseMs: 50 });
