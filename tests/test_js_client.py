@@ -41,16 +41,32 @@ def test_the_js_client_suite(scratch_db: str) -> None:
         "ATTENDANCE_JS_DATABASE_URL": scratch_db,
         "ATTENDANCE_JS_SECRET": TEST_SECRET,
     }
-    done = subprocess.run(
-        [_node(), "--test", "--test-reporter=tap", "test/"],
-        cwd=JS,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            [
+                _node(),
+                "--test",
+                "--test-force-exit",
+                "--test-concurrency=1",
+                "--test-reporter=tap",
+                "test/",
+            ],
+            cwd=JS,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=280,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"node --test ran over {exc.timeout} s:\n{_text(exc.stdout)[-12000:]}")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-12000:]
     # Every test ran: none was skipped for want of the hub's variables.
     assert "# skipped 0" in output, output[-3000:]
+
+
+def _text(output: bytes | str | None) -> str:
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""

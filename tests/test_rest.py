@@ -458,7 +458,8 @@ async def test_the_wrong_role_is_403(
 # -- errors ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/v1/nothing", "/v2/punches", "/", "/v1/sites/hq/extra"])
+# `/` is the dashboard (docs/pages.md).
+@pytest.mark.parametrize("path", ["/v1/nothing", "/v2/punches", "/nothing", "/v1/sites/hq/extra"])
 async def test_unknown_routes_are_404_with_the_error_shape(tenant: TenantKit, path: str) -> None:
     assert_error(await tenant.http.get(path), 404, "not_found")
 
