@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub import metrics, store
 from hub import protocol as p
+from hub.adms import AdmsEndpoints
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
@@ -99,6 +100,9 @@ class Hub:
         self._redis: aioredis.Redis | None = None
         self._retention: RetentionJob | None = None
         self._scanning: asyncio.Task[None] | None = None
+        # ZKTeco terminals pushing over HTTP, and the task that marks silent ones offline.
+        self.adms = AdmsEndpoints(self)
+        self._adms_watch: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -127,6 +131,7 @@ class Hub:
         self._broker = open_broker(self.settings, self._pool, self.run_id, self._apply)
         await self._broker.start(LiveFloors(self.live, self._system_pool))
         self._clock = asyncio.create_task(self.live.keep_time(self.presence), name="presence-clock")
+        self._adms_watch = asyncio.create_task(self.adms.watch(), name="adms-terminals")
         self._following = asyncio.create_task(
             self.devices.follow(self._system_pool), name="device-revocations"
         )
@@ -175,7 +180,7 @@ class Hub:
                 log.exception("the overtime scan failed; it runs again in %.0f s", scan.interval_s)
 
     async def stop(self) -> None:
-        for task in (self._following, self._clock, self._scanning):
+        for task in (self._following, self._clock, self._scanning, self._adms_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -216,6 +221,8 @@ class Hub:
             for connection in self.connections
             if (announced := connection.announcement()) is not None
         )
+        # A ZKTeco terminal heard from lately counts as one socket here.
+        held.update(self.adms.leases.held())
         sockets = [(tenant, device, site, n) for (tenant, device, site), n in held.items()]
         return HubSockets(self.run_id, sorted(sockets), datetime.now(UTC))
 
@@ -409,6 +416,20 @@ def create_app(hub: Hub) -> ASGIApp:
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        # ZKTeco terminals (PROTOCOL §5); older firmware asks for the .aspx names.
+        *(
+            route
+            for path in ("/iclock/cdata", "/iclock/cdata.aspx")
+            for route in (
+                Route(path, hub.adms.cdata_get, methods=["GET"]),
+                Route(path, hub.adms.cdata_post, methods=["POST"]),
+            )
+        ),
+        *(
+            Route(path, hub.adms.poll, methods=[method])
+            for name, method in (("getrequest", "GET"), ("devicecmd", "POST"), ("ping", "GET"))
+            for path in (f"/iclock/{name}", f"/iclock/{name}.aspx")
+        ),
         Route("/", web_file("dashboard.html"), methods=["GET"]),
         Route("/kiosk", web_file("kiosk.html"), methods=["GET"]),
         # At the root, so that the worker may serve /kiosk itself while the hub is down.

@@ -103,6 +103,10 @@ class Settings:
     check_history_max: int
     # How often the overtime scan looks for alerts that time raises.
     scan_interval_s: int
+    # ZKTeco (ADMS) terminals: how often they are told to poll (`Delay`), and how long a
+    # silent one stays online on its site's terminal board.
+    adms_delay_s: int
+    adms_offline_after_s: int
 
     @property
     def embedded(self) -> bool:
@@ -171,6 +175,8 @@ class Settings:
             check_history_days=_int(env, "ATTENDANCE_CHECK_HISTORY_DAYS", 56, minimum=1),
             check_history_max=_int(env, "ATTENDANCE_CHECK_HISTORY_MAX", 240, minimum=1),
             scan_interval_s=_int(env, "ATTENDANCE_SCAN_INTERVAL_S", 60, minimum=1),
+            adms_delay_s=_int(env, "ATTENDANCE_ADMS_DELAY_S", 10, minimum=1),
+            adms_offline_after_s=_int(env, "ATTENDANCE_ADMS_OFFLINE_AFTER_S", 60, minimum=1),
         )
 
 
