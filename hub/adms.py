@@ -51,6 +51,10 @@ _TIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:(Z)|([+-])(\d{2}):?(\d{2}))?"
 )
 _STAMP = re.compile(r"[0-9A-Za-z]{1,32}")
+# Terminals poll every few seconds: their registration is read from the database at most
+# this often (a revoked or moved terminal is seen within it), for at most so many.
+LOOKUP_TTL_S: Final = 2.0
+LOOKUP_MAX: Final = 100_000
 PIN_MAX: Final = 64
 # A record older than this when it arrives was kept by the terminal while it could not
 # reach the hub: marked `offline`, as a WebSocket client marks its queue.
@@ -212,6 +216,7 @@ class AdmsEndpoints:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.leases = Leases(hub.settings.adms_offline_after_s)
+        self._lookups: dict[str, tuple[Terminal | None, float]] = {}
 
     async def watch(self) -> None:
         """Takes terminals that went silent off the boards, for as long as the hub runs."""
@@ -232,7 +237,7 @@ class AdmsEndpoints:
         return await _unless_down(self._poll(request))
 
     async def _cdata_get(self, request: Request) -> Response:
-        terminal = await self._terminal(request)
+        terminal = await self._terminal(request, fresh=True)
         if terminal is None:
             return _unknown()
         stamps = (terminal.attlog_stamp, terminal.operlog_stamp)
@@ -242,7 +247,7 @@ class AdmsEndpoints:
         return PlainTextResponse(body, media_type=TEXT)
 
     async def _cdata_post(self, request: Request) -> Response:
-        terminal = await self._terminal(request)
+        terminal = await self._terminal(request, fresh=True)
         if terminal is None:
             return _unknown()
         body = await self._body(request)
@@ -266,22 +271,34 @@ class AdmsEndpoints:
             return _unknown()
         return PlainTextResponse("OK", media_type=TEXT)
 
-    async def _terminal(self, request: Request) -> Terminal | None:
+    async def _terminal(self, request: Request, *, fresh: bool = False) -> Terminal | None:
+        """The registered terminal the request's ``SN`` names, if any. Polls read it from a
+        cache of ``LOOKUP_TTL_S``; ``fresh`` (handshakes and uploads) from the database."""
         sn = request.query_params.get("SN", "")
         if not sn or len(sn) > 64:
             return None
-        async with self.hub.system_pool.acquire() as conn:
-            row = await conn.fetchrow(_TERMINAL_SQL, sn)
-        if row is None:
+        now = time.monotonic()
+        cached = self._lookups.get(sn)
+        if cached is not None and not fresh and now - cached[1] < LOOKUP_TTL_S:
+            terminal = cached[0]
+        else:
+            async with self.hub.system_pool.acquire() as conn:
+                row = await conn.fetchrow(_TERMINAL_SQL, sn)
+            terminal = None
+            if row is not None:
+                terminal = Terminal(
+                    row["tenant"],
+                    row["id"],
+                    row["site"],
+                    ZoneInfo(row["timezone"]),
+                    row["adms_attlog_stamp"],
+                    row["adms_operlog_stamp"],
+                )
+            if len(self._lookups) >= LOOKUP_MAX:
+                self._lookups.clear()
+            self._lookups[sn] = (terminal, now)
+        if terminal is None:
             return None
-        terminal = Terminal(
-            row["tenant"],
-            row["id"],
-            row["site"],
-            ZoneInfo(row["timezone"]),
-            row["adms_attlog_stamp"],
-            row["adms_operlog_stamp"],
-        )
         if self.leases.seen(terminal, time.monotonic()):
             self.hub.presence(
                 TerminalConnected(
