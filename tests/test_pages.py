@@ -242,6 +242,36 @@ async def test_the_dashboard_signs_in_with_a_token_and_keeps_it(
         assert pages.problems == []
 
 
+async def test_the_dashboard_says_at_once_when_the_browser_loses_its_network(
+    browser: Any, web_hub: HubProcess, database: str
+) -> None:
+    async with provisioned_tenant(web_hub.base_url, database, TEST_SECRET, "net") as kit:
+        pages = await browsing(browser, web_hub)
+        page = await pages.open("/")
+        await sign_in(page, kit.token("supervisor", "lead", sites=["hq"]))
+        await connected(page)
+        # Every state and reason the badge shows, in order.
+        await page.evaluate(
+            """() => {
+                const badge = document.querySelector("#connection");
+                window.seen = [];
+                new MutationObserver(() =>
+                    window.seen.push(`${badge.dataset.state}:${badge.dataset.reason}`)
+                ).observe(badge, { attributes: true });
+            }"""
+        )
+        await pages.context.set_offline(True)
+        # The browser's `offline` event, not the heartbeat (25 s), tells the client.
+        await page.locator('#connection[data-reason="offline"]').wait_for(timeout=2_000)
+        assert await page.get_attribute("#connection", "data-state") == "disconnected"
+        await pages.context.set_offline(False)
+        await connected(page)
+        seen = await page.evaluate("window.seen")
+        assert "connecting:online" in seen, seen
+        await pages.context.close()
+        assert pages.problems == []
+
+
 async def test_the_dashboard_shows_a_terminal_punch_within_a_second(
     browser: Any, web_hub: HubProcess, database: str
 ) -> None:

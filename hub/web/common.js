@@ -54,6 +54,8 @@ const REASONS = {
   unreachable: "the hub cannot be reached",
   closed: "the connection closed",
   dead: "the hub stopped answering",
+  offline: "this device has no network",
+  online: "the network is back",
   hello_timeout: "the hub did not answer the sign-in",
   drain: "the hub is restarting",
   restart: "the hub is restarting",

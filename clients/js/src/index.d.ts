@@ -16,6 +16,7 @@ export type ConnectionState = "disconnected" | "connecting" | "connected";
  * - `welcome`: the hub accepted the hello;
  * - `unreachable`: the socket never opened; `closed`: closed with no code we know;
  * - `dead`: the hub went silent for `deadAfterMs`; `hello_timeout`: no welcome in time;
+ * - `offline`: the browser reported the network gone;
  * - `drain`: the hub is restarting and asked to reconnect after a delay;
  * - `restart` (1012 without a drain), `try_later` (1013), `frame_too_large` (1009),
  *   `hello` (4002), `flood` (4008), `slow_consumer` (4009);
@@ -30,6 +31,7 @@ export type StateReason =
   | "unreachable"
   | "closed"
   | "dead"
+  | "offline"
   | "hello_timeout"
   | "drain"
   | "restart"

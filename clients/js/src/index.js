@@ -269,6 +269,7 @@ export class AttendanceClient extends Emitter {
   #pumpTimer = null;
   #sentTimes = [];
   #onOnline;
+  #onOffline;
 
   constructor(options) {
     super();
@@ -287,9 +288,12 @@ export class AttendanceClient extends Emitter {
     this.offsetMs = options.offsetMs ?? 0;
     /** The round trip of the ping the offset came from, ms; null until measured. */
     this.rttMs = null;
-    // Browsers: when the network comes back, try at once rather than after the backoff.
+    // Browsers: when the network comes back, try at once rather than after the backoff;
+    // when it goes, say so at once rather than after the heartbeat finds out.
     this.#onOnline = () => this.#retryNow();
+    this.#onOffline = () => this.#kill("offline");
     globalThis.addEventListener?.("online", this.#onOnline);
+    globalThis.addEventListener?.("offline", this.#onOffline);
     this.#loaded = this.#store.load().then((punches) => {
       for (const p of punches) {
         this.#order = Math.max(this.#order, p.order);
@@ -330,6 +334,7 @@ export class AttendanceClient extends Emitter {
   close() {
     this.#wanted = false;
     globalThis.removeEventListener?.("online", this.#onOnline);
+    globalThis.removeEventListener?.("offline", this.#onOffline);
     this.#clearTimers();
     const socket = this.#socket;
     this.#socket = null;
