@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import math
+import random
 import re
 import time
 import uuid
@@ -160,13 +161,24 @@ class Hub:
         _tune_garbage_collector()
 
     async def drain(self) -> None:
-        """Before a planned shutdown: answer every queued punch, then send clients away."""
+        """Before a planned shutdown: answer every queued punch, then send clients away,
+        a slice at a time over ``drain_window_s``, so that they do not all reconnect to the
+        other hubs in the same moment (each also waits its own random 0.5-3 s)."""
         self.draining = True
         if self._retention is not None:
             await self._retention.stop()
         if self._broker is not None:
             await self._broker.flush()
-        await asyncio.gather(*(connection.drain() for connection in list(self.connections)))
+        connections = list(self.connections)
+        random.shuffle(connections)
+        slices = max(1, min(len(connections), round(self.settings.drain_window_s * 10)))
+        size = math.ceil(len(connections) / slices) if connections else 0
+        leaving: list[asyncio.Task[None]] = []
+        for start in range(0, len(connections), max(size, 1)):
+            if start:
+                await asyncio.sleep(self.settings.drain_window_s / slices)
+            leaving += [asyncio.create_task(c.drain()) for c in connections[start : start + size]]
+        await asyncio.gather(*leaving)
 
     async def _scan(self, scan: OvertimeScan) -> None:
         async def announce(alerts: list[Alert]) -> None:
@@ -283,6 +295,9 @@ class Hub:
                 connection.close(CLOSE_BAD_TOKEN, "token_revoked")
 
     async def readiness_problems(self) -> list[str]:
+        if self.draining:
+            # Out of the load balancer at once: new clients go to the other hubs.
+            return ["draining: this hub is shutting down"]
         try:
             async with self.pool.acquire(timeout=2) as conn:
                 await conn.fetchval("SELECT 1", timeout=2)

@@ -225,10 +225,12 @@ class _HubServer(uvicorn.Server):
             self._drain = asyncio.create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
+        # The window to send clients away in, plus time to answer what is queued.
+        limit = self.hub.settings.drain_window_s + DRAIN_TIMEOUT_S
         try:
-            await asyncio.wait_for(self.hub.drain(), DRAIN_TIMEOUT_S)
+            await asyncio.wait_for(self.hub.drain(), limit)
         except TimeoutError:
-            log.warning("drain took longer than %.0f s; shutting down anyway", DRAIN_TIMEOUT_S)
+            log.warning("drain took longer than %.0f s; shutting down anyway", limit)
         self.should_exit = True
 
 

@@ -46,6 +46,19 @@ def _origins(env: dict[str, str], name: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _seconds(env: dict[str, str], name: str, default: float, most: float = 300.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not 0 <= value <= most:
+        raise ConfigError(f"{name} must be between 0 and {most:g} seconds, got {raw!r}")
+    return value
+
+
 MAX_RETENTION_DAYS = 36_525
 
 
@@ -107,6 +120,8 @@ class Settings:
     # silent one stays online on its site's terminal board.
     adms_delay_s: int
     adms_offline_after_s: int
+    # SIGTERM: over how many seconds the hub's clients are sent away (docs/operations.md).
+    drain_window_s: float
 
     @property
     def embedded(self) -> bool:
@@ -177,6 +192,7 @@ class Settings:
             scan_interval_s=_int(env, "ATTENDANCE_SCAN_INTERVAL_S", 60, minimum=1),
             adms_delay_s=_int(env, "ATTENDANCE_ADMS_DELAY_S", 10, minimum=1),
             adms_offline_after_s=_int(env, "ATTENDANCE_ADMS_OFFLINE_AFTER_S", 60, minimum=1),
+            drain_window_s=_seconds(env, "ATTENDANCE_DRAIN_WINDOW_S", 5.0),
         )
 
 
