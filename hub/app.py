@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub import metrics, store
+from hub import logs, metrics, store
 from hub import protocol as p
 from hub.adms import AdmsEndpoints
 from hub.auth import Authenticator, DeviceRegistry
@@ -127,6 +127,8 @@ class Hub:
             self.dsn, min_size=2, max_size=self.settings.db_pool_size
         )
         self._system_pool = await store.create_system_pool(self.dsn)
+        metrics.watch_pool("app", self._pool)
+        metrics.watch_pool("system", self._system_pool)
         async with self._system_pool.acquire() as conn:
             await self.devices.refresh(conn)
         self._broker = open_broker(self.settings, self._pool, self.run_id, self._apply)
@@ -208,8 +210,9 @@ class Hub:
             await self._redis.aclose()
         if self._flagging:
             await asyncio.gather(*self._flagging, return_exceptions=True)
-        for pool in (self._pool, self._system_pool):
+        for name, pool in (("app", self._pool), ("system", self._system_pool)):
             if pool is not None:
+                metrics.unwatch_pool(name, pool)
                 await pool.close()
 
     def presence(self, event: PresenceEvent) -> None:
@@ -460,15 +463,42 @@ def create_app(hub: Hub) -> ASGIApp:
     app.state.hub = hub
     metrics.CONNECTIONS.labels("anonymous").set(0)
 
-    async def hub_app(scope: Scope, receive: Receive, send: Send) -> None:
-        # Punch traffic goes straight to the WebSocket layer; see hub/ws.py for why.
-        if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
-            await websocket_endpoint(hub, scope, receive, send)
-        elif scope["type"] == "http" and not hub.rest_requests.take(
-            client_address(scope), time.monotonic()
-        ):
+    async def http_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if not hub.rest_requests.take(client_address(scope), time.monotonic()):
             await _too_many_requests(hub, scope, receive, send)
         else:
             await app(scope, receive, send)
 
+    async def hub_app(scope: Scope, receive: Receive, send: Send) -> None:
+        # Punch traffic goes straight to the WebSocket layer; see hub/ws.py for why.
+        if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
+            await websocket_endpoint(hub, scope, receive, send)
+        elif scope["type"] == "http":
+            await _observed(http_app, scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
     return hub_app
+
+
+async def _observed(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve an HTTP request under its request id (X-Request-ID, taken or made, and returned)
+    and count it by route template and status."""
+    request_id = logs.request_id(scope["headers"])
+    named = logs.REQUEST_ID.set(request_id)
+
+    async def send_observed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            # Starlette's router leaves the route it matched in the scope: its template,
+            # never the raw path, names the series.
+            route = scope.get("route")
+            template = getattr(route, "path", None) or metrics.UNMATCHED_ROUTE
+            metrics.http_requests(template, message["status"]).inc()
+            headers = [*message.get("headers", ()), (logs.REQUEST_ID_HEADER, request_id.encode())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    try:
+        await app(scope, receive, send_observed)
+    finally:
+        logs.REQUEST_ID.reset(named)

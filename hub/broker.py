@@ -32,9 +32,10 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError, WatchError
 
+from hub import metrics
 from hub.config import Settings
 from hub.events import AlertsRaised, HubGone, PresenceEvent, PunchesCommitted
-from hub.redis_keys import RedisKeys
+from hub.redis_keys import WORKER_GROUP, RedisKeys
 from workers.checks import Checker
 from workers.persist import (
     PunchBatcher,
@@ -83,6 +84,9 @@ CHECKPOINT_WAIT_S: Final = 2.5 * CHECKPOINT_INTERVAL_S
 # offline on every board well within 10 s.
 HUB_TTL_S: Final = 5.0
 HUB_REFRESH_S: Final = 1.0
+# How often the punch stream's length, pending entries and dead letters are read for the
+# metrics (three O(1) commands in one round trip).
+STREAM_SAMPLE_S: Final = 2.0
 
 
 def event_fields(event: PresenceEvent) -> dict[Any, Any]:
@@ -267,6 +271,7 @@ class RedisBroker:
             asyncio.create_task(self._listen(), name="broker-listen"),
             asyncio.create_task(self._send(), name="broker-send"),
             asyncio.create_task(self._expire(), name="broker-expire"),
+            asyncio.create_task(self._sample_stream(), name="broker-stream-gauges"),
         ]
         # Answers can only be heard once subscribed: wait for that before taking punches.
         await asyncio.wait_for(self._listening.wait(), 30)
@@ -581,6 +586,31 @@ class RedisBroker:
             if late:
                 log.warning("%d punches got no answer from the workers in time", len(late))
                 self._fail(late, "no worker answered in time")
+
+    async def _sample_stream(self) -> None:
+        """Keep the stream gauges (``metrics.STREAM_*``) up to date while running."""
+        keys = self._keys
+        while not self._closing:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xlen(keys.punches)
+            pipe.xpending(keys.punches, WORKER_GROUP)
+            pipe.xlen(keys.dead_letters)
+            try:
+                length, pending, dead = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                # The liveness loop says so loudly already.
+                log.debug("cannot read the punch stream's size: %s", exc)
+            else:
+                if not isinstance(length, Exception):
+                    metrics.STREAM_ENTRIES.set(length)
+                # An error here is NOGROUP: no worker has started yet, so nothing is pending.
+                metrics.STREAM_PENDING.set(
+                    0 if isinstance(pending, Exception) else pending["pending"]
+                )
+                if not isinstance(dead, Exception):
+                    metrics.STREAM_DEAD_LETTER_ENTRIES.set(dead)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), STREAM_SAMPLE_S)
 
 
 def open_broker(settings: Settings, pool: asyncpg.Pool, hub: str, on_event: OnEvent) -> Broker:

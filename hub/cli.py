@@ -21,7 +21,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import uvicorn
 
-from hub import audit, store
+from hub import audit, logs, store
 from hub.app import Hub, create_app
 from hub.config import ConfigError, Settings
 from hub.embedded_pg import DataDirBusy, EmbeddedPostgres, EmbeddedStartError
@@ -258,7 +258,7 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
             ws_ping_timeout=settings.heartbeat_s,
             lifespan="on",
             log_level="info",
-            access_log=False,
+            **logs.uvicorn_options(settings.log_format),
             timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
         )
         server = _HubServer(config, hub)
@@ -358,11 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = Settings.from_env()
+        logs.configure(settings.log_format)
         if args.command == "serve":
             serve(settings, demo=args.demo, no_workers=args.no_workers)
         elif args.command == "migrate":
@@ -393,7 +391,7 @@ def _tenant_create(settings: Settings, slug: str, name: str, timezone: str) -> N
         raise CliError("a tenant slug is 1-64 of A-Z a-z 0-9 . _ -") from None
     try:
         ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise CliError(f"unknown time zone {timezone!r}") from None
     with open_database(settings, serving=False) as database:
         token = asyncio.run(create_tenant(database.dsn, database.secret, slug, name, timezone))

@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 
 from hub.limits import FLOOD_WINDOW_S, normalize_origin
+from hub.logs import FORMATS, LogFormat
 from hub.redis_keys import DEFAULT_PREFIX
 from workers.fraud import Thresholds
 
@@ -122,6 +123,8 @@ class Settings:
     adms_offline_after_s: int
     # SIGTERM: over how many seconds the hub's clients are sent away (docs/operations.md).
     drain_window_s: float
+    # `plain` lines, or one JSON object per line (hub/logs.py).
+    log_format: LogFormat
 
     @property
     def embedded(self) -> bool:
@@ -193,6 +196,7 @@ class Settings:
             adms_delay_s=_int(env, "ATTENDANCE_ADMS_DELAY_S", 10, minimum=1),
             adms_offline_after_s=_int(env, "ATTENDANCE_ADMS_OFFLINE_AFTER_S", 60, minimum=1),
             drain_window_s=_seconds(env, "ATTENDANCE_DRAIN_WINDOW_S", 5.0),
+            log_format=_log_format(env),
         )
 
 
@@ -215,6 +219,15 @@ def _thresholds(env: dict[str, str]) -> Thresholds:
             raise ConfigError(f"{name} must be a positive number, got {raw!r}")
         values[field.name] = value
     return Thresholds(**values)  # type: ignore[arg-type]
+
+
+def _log_format(env: dict[str, str]) -> LogFormat:
+    raw = (env.get("ATTENDANCE_LOG_FORMAT") or "plain").strip().lower()
+    if raw == "plain":
+        return "plain"
+    if raw == "json":
+        return "json"
+    raise ConfigError(f"ATTENDANCE_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {raw!r}")
 
 
 def _redis_prefix(env: dict[str, str]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from typing import Any, Final, NamedTuple, Protocol
 import asyncpg
 import msgspec
 
+from hub import metrics
 from hub import protocol as p
 from hub.events import (
     Alert,
@@ -151,6 +153,8 @@ class Live:
         self._joined: dict[Listener, set[tuple[str, str]]] = {}
         # Set when a schedule or a grace period changed: the clock looks again.
         self._replanned = asyncio.Event()
+        # When the event being applied began to be (perf_counter), for the fan-out latency.
+        self._applying_since = 0.0
 
     def floor(self, tenant: str) -> TenantFloor:
         floor = self._floors.get(tenant)
@@ -172,6 +176,7 @@ class Live:
 
     def apply(self, event: PresenceEvent) -> list[Flag]:
         """Move the channels as the event says and send the deltas; flags of committed punches."""
+        self._applying_since = time.perf_counter()
         match event:
             case PunchesCommitted(stored=stored, now=now):
                 return self._committed(stored, now)
@@ -489,6 +494,9 @@ class Live:
                 data = b"".join(frame_message(payload, codec.binary) for payload in payloads)
                 framed = encoded[codec.subprotocol] = Framed(payloads, data)
             listener.send_framed(framed, tag)
+        if encoded:
+            # Every frame is sent from within ``apply``: this channel's share of the event is out.
+            metrics.FANOUT_LATENCY.observe(time.perf_counter() - self._applying_since)
 
 
 class LiveFloors:

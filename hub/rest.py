@@ -97,9 +97,11 @@ def error_response(exc: ApiError) -> Response:
 
 
 def _valid_timezone(name: str) -> str:
+    # A directory of the zone database ("Europe") is IsADirectoryError with some zoneinfo
+    # sources (the tzdata package), ZoneInfoNotFoundError with others.
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ApiError(
             400, f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin"
         ) from None

@@ -26,7 +26,7 @@ import msgspec
 from starlette.types import Receive, Scope
 from starlette.types import Send as AsgiSend
 
-from hub import metrics
+from hub import logs, metrics
 from hub import protocol as p
 from hub.events import TerminalConnected, TerminalDisconnected
 from hub.limits import FrameLimiter, client_address
@@ -106,6 +106,8 @@ class Connection:
         self._paused_until = 0.0
         # Punches this socket sent that are still to be answered, with how many copies.
         self._awaiting: Counter[uuid.UUID] = Counter()
+        # The close code the hub sent, or else the client's: for the metrics.
+        self._close_code: int | None = None
 
     async def run(self) -> None:
         writer = self._writer = asyncio.create_task(
@@ -129,6 +131,7 @@ class Connection:
                     )
                 )
             metrics.CONNECTIONS.labels(self._role).dec()
+            metrics.disconnected(self._close_code)
             self.session.closed()
             self._closing = True
             if not writer.done():
@@ -183,7 +186,15 @@ class Connection:
             len(self._outbox) >= self._outbox_limit
             or self._outbox_bytes >= self._outbox_bytes_limit
         ):
-            log.info("closing session %s: it does not read its frames", self.session.id)
+            log.info(
+                "closing session %s: it does not read its frames",
+                self.session.id,
+                extra={"session": self.session.id},
+            )
+            if len(self._outbox) >= self._outbox_limit:
+                metrics.SLOW_CONSUMER_FRAMES.inc()
+            else:
+                metrics.SLOW_CONSUMER_BYTES.inc()
             self._closing = True
             self._jump_close(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
@@ -195,6 +206,8 @@ class Connection:
         if self._closing:
             return
         self._closing = True
+        if self._close_code is None:
+            self._close_code = code
         if len(self._outbox) >= self._outbox_limit:
             self._jump_close(code, reason)
         else:
@@ -208,6 +221,8 @@ class Connection:
 
     def _jump_close(self, code: int, reason: str) -> None:
         # The queue is full of frames the client is not reading: drop them and close.
+        if self._close_code is None:
+            self._close_code = code
         self._outbox.clear()
         self._outbox_bytes = 0
         self._push((code, reason))
@@ -225,7 +240,11 @@ class Connection:
         protocol = getattr(self._asgi_send, "__self__", None)
         transport = getattr(protocol, "transport", None)
         if isinstance(transport, asyncio.Transport):
-            log.info("aborting session %s: its close frame could not be sent", self.session.id)
+            log.info(
+                "aborting session %s: its close frame could not be sent",
+                self.session.id,
+                extra={"session": self.session.id},
+            )
             transport.abort()
 
     async def _read(self) -> None:
@@ -260,6 +279,9 @@ class Connection:
                 self.close(CLOSE_HELLO_REQUIRED, "hello_timeout")
                 return
             if message["type"] != "websocket.receive":
+                if self._close_code is None:
+                    # The client's code (uvicorn's 1005 or 1006 when there was none).
+                    self._close_code = message.get("code", 1005)
                 return
             payload = message.get("text")
             if payload is None:
@@ -374,7 +396,10 @@ class Connection:
 
     def _submit(self, action: SubmitPunch) -> None:
         punch_id = action.request.id
+        # Read off the socket a moment ago: decoding and the session's checks take microseconds.
+        started = time.perf_counter()
         if self.hub.draining:
+            metrics.punch_failures("draining").inc()
             self.send(
                 p.Error(
                     code="unavailable",
@@ -391,6 +416,7 @@ class Connection:
             if not awaiting[punch_id]:
                 del awaiting[punch_id]
             if isinstance(outcome, StoreUnavailable):
+                metrics.punch_failures("unavailable").inc()
                 self.send(
                     p.Error(
                         code="unavailable",
@@ -402,7 +428,10 @@ class Connection:
                 )
                 return
             if isinstance(outcome, Exception):
-                log.error("punch %s failed: %r", punch_id, outcome)
+                metrics.punch_failures("internal").inc()
+                log.error(
+                    "punch %s failed: %r", punch_id, outcome, extra={"session": self.session.id}
+                )
                 self.send(
                     p.Error(
                         code="internal",
@@ -421,6 +450,7 @@ class Connection:
                     ref=action.ref,
                 )
             )
+            metrics.ACK_LATENCY.observe(time.perf_counter() - started)
 
         self._awaiting[punch_id] += 1
         self.hub.broker.enqueue(action.request, reply)
@@ -516,10 +546,16 @@ async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Asg
         # Refuse before the handshake: the client asked only for protocols we do not speak.
         await send({"type": "websocket.close", "code": 1002, "reason": ""})
         return
-    await send({"type": "websocket.accept", "subprotocol": chosen, "headers": []})
     codec = hub.codecs[chosen or p.JSON_SUBPROTOCOL]
     cork = scope.get("extensions", {}).get(CORK_EXTENSION)
-    await Connection(hub, receive, send, codec, cork).run()
+    connection = Connection(hub, receive, send, codec, cork)
+    # Every log line of this session's task (uvicorn's "accepted" too) names the session.
+    named = logs.SESSION.set(connection.session.id)
+    try:
+        await send({"type": "websocket.accept", "subprotocol": chosen, "headers": []})
+        await connection.run()
+    finally:
+        logs.SESSION.reset(named)
 
 
 async def refuse_handshake(

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import numpy as np
 
-from hub import store
+from hub import metrics, store
 from hub.config import Settings
 from hub.events import Alert
 from hub.types import Conn
@@ -130,7 +130,11 @@ async def store_alerts(
         [a.raised_at for a in alerts],
     )
     kept = {record["id"] for record in inserted}
-    return [a for a in alerts if a.id in kept]
+    stored = [a for a in alerts if a.id in kept]
+    # Counted where stored, which happens once per alert however many processes see it.
+    for alert in stored:
+        metrics.alert_raised(alert.kind)
+    return stored
 
 
 class Checker:
