@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 import asyncpg
+import prometheus_client
 import redis.asyncio as aioredis
 import uvicorn
 
@@ -303,6 +304,14 @@ async def _work(settings: Settings, redis_url: str, dsn: str, name: str | None) 
         # The batch in hand is finished and answered first.
         loop.add_signal_handler(sig, worker.stop)
     print(f"attendance-hub worker {consumer} committing punches from Redis", flush=True)
+    if settings.worker_metrics_port:
+        # A worker serves no HTTP of its own: what it counts (batches, commits, alerts,
+        # dead letters) is exported here for Prometheus.
+        prometheus_client.start_http_server(settings.worker_metrics_port, addr=settings.host)
+        print(
+            f"metrics on http://{settings.host}:{settings.worker_metrics_port}/metrics",
+            flush=True,
+        )
     try:
         await worker.run()
         log.info("worker %s stopped", consumer)

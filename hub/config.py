@@ -123,6 +123,8 @@ class Settings:
     adms_offline_after_s: int
     # SIGTERM: over how many seconds the hub's clients are sent away (docs/operations.md).
     drain_window_s: float
+    # `attendance-hub worker`: the port of its /metrics (0: none).
+    worker_metrics_port: int
     # `plain` lines, or one JSON object per line (hub/logs.py).
     log_format: LogFormat
 
@@ -196,6 +198,7 @@ class Settings:
             adms_delay_s=_int(env, "ATTENDANCE_ADMS_DELAY_S", 10, minimum=1),
             adms_offline_after_s=_int(env, "ATTENDANCE_ADMS_OFFLINE_AFTER_S", 60, minimum=1),
             drain_window_s=_seconds(env, "ATTENDANCE_DRAIN_WINDOW_S", 5.0),
+            worker_metrics_port=_int(env, "ATTENDANCE_WORKER_METRICS_PORT", 0),
             log_format=_log_format(env),
         )
 

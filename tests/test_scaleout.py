@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -93,8 +94,8 @@ class Cluster:
         self.hubs.append(hub)
         return hub
 
-    def worker(self, name: str) -> WorkerProcess:
-        worker = WorkerProcess(name, self.env, self.tmp / f"worker-{name}.log")
+    def worker(self, name: str, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(name, {**self.env, **env}, self.tmp / f"worker-{name}.log")
         worker.start()
         self.workers.append(worker)
         return worker
@@ -136,7 +137,8 @@ async def kit(cluster: Cluster, database: str) -> AsyncIterator[TenantKit]:
 async def test_a_hub_without_workers_hands_punches_to_a_worker_process(
     cluster: Cluster, kit: TenantKit
 ) -> None:
-    worker = cluster.worker("w1")
+    metrics_port = free_port()
+    worker = cluster.worker("w1", ATTENDANCE_WORKER_METRICS_PORT=str(metrics_port))
     watching = await watcher(kit)
     await subscribe(watching, "presence:hq")
     await watching.recv()
@@ -145,6 +147,15 @@ async def test_a_hub_without_workers_hands_punches_to_a_worker_process(
     ack = await door.punch(frame)
     assert ack["status"] == "accepted"
     assert set(await kit.stored(frame["id"])) == {frame["id"]}
+    # The worker exports what it counted: the batch it committed.
+    async with httpx.AsyncClient() as http:
+        scraped = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+    [batches] = [
+        float(line.split()[1])
+        for line in scraped.splitlines()
+        if line.startswith("attendance_punch_batch_size_count ")
+    ]
+    assert batches >= 1, scraped[-2000:]
     # Presence moved on the hub from what the worker published.
     [change] = (await watching.recv())["changes"]
     assert (change["employee"], change["state"]) == ("e1", "in")
