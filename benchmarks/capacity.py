@@ -544,6 +544,16 @@ def setup(
             # Provisioning thousands of devices from 127.0.0.1 is not what is measured.
             "ATTENDANCE_REST_RATE_PER_IP": "0",
             "ATTENDANCE_MAX_CONNECTIONS_PER_TENANT": str(terminals + supervisors + 100),
+            # The project's generator connects from 127.0.0.1 only (Locust spreads its
+            # sockets over 127.0.0.x and meets the default per-address limits).
+            **(
+                {
+                    "ATTENDANCE_CONNECT_RATE_PER_IP": "1000000",
+                    "ATTENDANCE_CONNECT_BURST_PER_IP": "1000000",
+                }
+                if getattr(args, "driver", "locust") == "loadgen"
+                else {}
+            ),
             **settings,
             **args.hub_env,
         },
