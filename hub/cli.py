@@ -255,6 +255,10 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
             port=settings.port,
             ws=HubWebSocketProtocol,
             ws_max_size=settings.max_frame_bytes,
+            # Frames are small JSON and leave framed once for a whole fan-out (hub/wsproto.py),
+            # uncompressed; a negotiated permessage-deflate would only cost every socket a
+            # zlib context (about 120 KiB with a browser or the `websockets` client).
+            ws_per_message_deflate=False,
             ws_ping_interval=settings.heartbeat_s,
             ws_ping_timeout=settings.heartbeat_s,
             lifespan="on",

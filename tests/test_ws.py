@@ -41,6 +41,18 @@ async def test_hello_then_punch_is_acked_after_it_is_stored(tenant: TenantKit) -
     await client.close()
 
 
+async def test_permessage_deflate_offered_by_the_client_is_declined(tenant: TenantKit) -> None:
+    # Browsers and the `websockets` client offer it; a zlib context per socket is not worth
+    # it for small frames (docs/operations.md, memory per connection).
+    async with websockets.connect(
+        tenant.ws_url, subprotocols=["attendance.v1.json"], compression="deflate"
+    ) as ws:
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        await ws.send(json.dumps({"type": "hello", "token": tenant.terminal_token}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+
+
 async def test_welcome_carries_identity(tenant: TenantKit) -> None:
     client = await tenant.connect()
     await client.send({"type": "ping", "t": 42, "ref": "p"})
