@@ -514,6 +514,18 @@ async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Asg
     """The ASGI application behind ``GET /v1/ws``."""
     if (await receive())["type"] != "websocket.connect":
         return
+    if hub.draining:
+        # Shutting down: a client let in now would only be sent away again. It retries, and
+        # the load balancer (whose /readyz check fails from now on) sends it to another hub.
+        await refuse_handshake(
+            scope,
+            send,
+            503,
+            "draining",
+            "this hub is shutting down; connect again in a few seconds",
+            [(b"retry-after", b"2")],
+        )
+        return
     address = client_address(scope)
     now = time.monotonic()
     if not hub.connect_attempts.take(address, now):

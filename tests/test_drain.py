@@ -4,12 +4,14 @@ drain window, not all in one moment (docs/operations.md, "Crashes and signals").
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 
 from tests.conftest import TEST_SECRET
 from tests.support import Client, provisioned_tenant, running_hub
@@ -59,6 +61,13 @@ async def test_sigterm_fails_readyz_at_once_and_spreads_the_drain_over_the_windo
                         break
                     assert time.monotonic() - signalled < 1.0, "readyz still 200 after 1 s"
                 assert "draining" in ready.json()["error"]["message"]
+                # New sockets are refused before the handshake, not let in to be sent away.
+                with pytest.raises(websockets.InvalidStatus) as refused:
+                    await websockets.connect(kit.ws_url, open_timeout=5)
+                response = refused.value.response
+                assert response.status_code == 503
+                assert response.headers["Retry-After"] == "2"
+                assert json.loads(response.body)["error"]["code"] == "draining"
             times = sorted(await asyncio.gather(*waiting))
             returncode = await asyncio.to_thread(hub.wait, 30)
             assert returncode == 0, hub.log()
