@@ -62,10 +62,6 @@ EVENT_DECODER: Final = msgspec.msgpack.Decoder(PresenceEvent)
 # Most committed punches the in-process checks take at once, and how long a stopping hub
 # waits for the checks of what it committed.
 CHECK_BATCH_MAX: Final = 4096
-# After a batch commits, the checks wait this long for more: each run costs a handful of
-# queries however many punches it looks at, and at a few hundred punches a second batches
-# of one or two punches would make those queries most of the hub's work.
-CHECK_GATHER_S: Final = 0.2
 CHECK_DRAIN_S: Final = 5.0
 # Most punches one XADD pipeline carries.
 SEND_BATCH: Final = 512
@@ -170,8 +166,6 @@ class LocalBroker:
         while True:
             batch = await self._to_check.get()
             taken = 1
-            if len(batch) < CHECK_BATCH_MAX:
-                await asyncio.sleep(CHECK_GATHER_S)
             while not self._to_check.empty() and len(batch) < CHECK_BATCH_MAX:
                 batch = batch + self._to_check.get_nowait()
                 taken += 1
