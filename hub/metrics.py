@@ -162,21 +162,7 @@ BATCH_SIZE = Histogram(
 COMMIT_SECONDS = Histogram(
     "attendance_punch_commit_duration_seconds",
     "Time to resolve, insert and commit one batch of punches.",
-    buckets=(
-        0.0005,
-        0.001,
-        0.002,
-        0.004,
-        0.008,
-        0.016,
-        0.032,
-        0.064,
-        0.128,
-        0.256,
-        0.512,
-        1.0,
-        2.0,
-    ),
+    buckets=_LATENCY_BUCKETS,
 )
 BATCH_FAILURES = Counter(
     "attendance_punch_batch_failures_total",

@@ -2,7 +2,7 @@
 // innerHTML (names and messages come from the hub and are never parsed as HTML), the
 // connection badge, and the token kept in localStorage.
 
-import { CONNECTED, CONNECTING } from "/js/index.js";
+import { CONNECTED, CONNECTING, DISCONNECTED } from "/js/index.js";
 
 /** The hub's WebSocket on the page's own host: wss: under https:, ws: under http:. */
 export function socketUrl(location = globalThis.location) {
@@ -114,6 +114,20 @@ export function showConnection(client, badge) {
 /** Shows one of several sections (by id) and hides the others. */
 export function showOnly(ids, visible) {
   for (const id of ids) document.getElementById(id).hidden = id !== visible;
+}
+
+/** The sign-in form, under `title`, saying `message` (why, when the hub signed the page out). */
+export function showSignIn(sections, title, message) {
+  const $ = (id) => document.getElementById(id);
+  $("title").textContent = title;
+  $("clock").textContent = "";
+  const badge = $("connection");
+  badge.dataset.state = DISCONNECTED;
+  badge.dataset.reason = "";
+  badge.textContent = "Not signed in";
+  $("sign-in-error").textContent = message;
+  showOnly(sections, "sign-in");
+  $("token").focus();
 }
 
 /** "1 h 5 min", "12 min", "under a minute": how long since `ms` (epoch ms) at `now`. */

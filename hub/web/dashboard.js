@@ -2,7 +2,7 @@
 // terminals and alerts live over one WebSocket (presence:, terminals: and alerts:<site>).
 
 import { AttendanceClient, CONNECTED, DISCONNECTED, MemoryStore, tokenClaims } from "/js/index.js";
-import { cleanToken, duration, el, keep, showConnection, showOnly, socketUrl, storedToken } from "./common.js";
+import { cleanToken, duration, el, keep, showConnection, showOnly, showSignIn, socketUrl, storedToken } from "./common.js";
 
 const TOKEN_KEY = "attendance-hub.dashboard.token";
 // The chosen site as {id, name, timezone, choices}: a reload opens the board at once,
@@ -287,15 +287,7 @@ function signOut(message = "") {
   keep(SITE_KEY, null);
   $("sign-out").hidden = true;
   $("change-site").hidden = true;
-  $("title").textContent = "Floor";
-  $("clock").textContent = "";
-  const badge = $("connection");
-  badge.dataset.state = DISCONNECTED;
-  badge.dataset.reason = "";
-  badge.textContent = "Not signed in";
-  $("sign-in-error").textContent = message;
-  showOnly(SECTIONS, "sign-in");
-  $("token").focus();
+  showSignIn(SECTIONS, "Floor", message);
 }
 
 function openBoard(token, site) {

@@ -3,7 +3,7 @@
 // so a reload, a crash or a hub that is down loses none of them.
 
 import { AttendanceClient, CONNECTED, DISCONNECTED, IndexedDBStore, tokenClaims } from "/js/index.js";
-import { cleanToken, el, keep, showConnection, showOnly, socketUrl, storedToken } from "./common.js";
+import { cleanToken, el, keep, showConnection, showOnly, showSignIn, socketUrl, storedToken } from "./common.js";
 
 const TOKEN_KEY = "attendance-hub.kiosk.token";
 const IDENTIFY_KEY = "attendance-hub.kiosk.identify";
@@ -306,15 +306,7 @@ function signOut(message = "") {
   kiosk?.close();
   kiosk = null;
   keep(TOKEN_KEY, null);
-  $("title").textContent = "Clock in";
-  $("clock").textContent = "";
-  const badge = $("connection");
-  badge.dataset.state = DISCONNECTED;
-  badge.dataset.reason = "";
-  badge.textContent = "Not signed in";
-  $("sign-in-error").textContent = message;
-  showOnly(SECTIONS, "sign-in");
-  $("token").focus();
+  showSignIn(SECTIONS, "Clock in", message);
 }
 
 function start(token) {
