@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple
 
@@ -207,9 +207,14 @@ class Channel:
             maxlen=self._log.maxlen,
         )
 
-    def holds(self, match: Callable[[Member | TerminalMember | AlertMember], bool]) -> bool:
-        """Whether a change in the log matches."""
-        return any(match(change) for delta in self._log for change in delta.changes)
+    @property
+    def oldest_logged(self) -> int:
+        """The version of the oldest delta still in the log (``version + 1`` if none)."""
+        return self.version - len(self._log) + 1
+
+    def logged(self) -> list[Delta]:
+        """Every delta still in the log, oldest first."""
+        return list(self._log)
 
     def clear(self) -> None:
         """Forget the log, keep the version: a client behind it gets a snapshot."""
@@ -692,6 +697,9 @@ class AlertBoard:
     def __init__(self, base_version: int) -> None:
         self._base = base_version
         self._channels: dict[str, Channel] = {}
+        # Per site, the version each alert id was recorded at: an id is still in the log
+        # when that version is, found without reading the log (alerts can come in floods).
+        self._recorded: dict[str, dict[uuid.UUID, int]] = {}
 
     @classmethod
     def restored(cls, base_version: int, dump: dict[str, ChannelDump]) -> AlertBoard:
@@ -700,6 +708,13 @@ class AlertBoard:
             site: Channel.restored(alerts_name(site), held, ALERT_LOG_LENGTH)
             for site, held in dump.items()
         }
+        for site, channel in board._channels.items():
+            board._recorded[site] = {
+                change.id: delta.version
+                for delta in channel.logged()
+                for change in delta.changes
+                if isinstance(change, AlertMember)
+            }
         return board
 
     def dump(self) -> dict[str, ChannelDump]:
@@ -719,9 +734,17 @@ class AlertBoard:
         if alert.site is None:
             return None
         channel = self.channel(alert.site)
-        if channel.holds(lambda change: isinstance(change, AlertMember) and change.id == alert.id):
+        recorded = self._recorded.setdefault(alert.site, {})
+        version = recorded.get(alert.id)
+        if version is not None and version >= channel.oldest_logged:
             return None
-        return channel.record((alert,))
+        delta = channel.record((alert,))
+        recorded[alert.id] = delta.version
+        if len(recorded) > 2 * ALERT_LOG_LENGTH:
+            # Forget the ids that have left the log.
+            oldest = channel.oldest_logged
+            self._recorded[alert.site] = {i: v for i, v in recorded.items() if v >= oldest}
+        return delta
 
     def snapshot(self, site: str) -> Snapshot:
         """The most recent alerts of the site, oldest first."""

@@ -12,9 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hub.presence import (
+    ALERT_LOG_LENGTH,
     DEFAULT_GRACE,
     LOG_LENGTH,
     STATE_AFTER,
+    AlertBoard,
+    AlertMember,
     Channel,
     Delta,
     Member,
@@ -660,3 +663,28 @@ def test_what_a_hub_says_it_holds_replaces_what_the_board_counted_for_it() -> No
     ]
     assert board.hub_holds("hub-a", {}, later) == []
     assert board.hubs() == set()
+
+
+def _alert(n: int, site: str = "hq") -> AlertMember:
+    at = datetime(2026, 11, 29, 8, tzinfo=UTC)
+    return AlertMember(uuid.UUID(int=n), "rapid_repeat", "warning", "e1", site, at, "again", {}, at)
+
+
+def test_an_alert_announced_again_is_shown_once_while_its_channel_still_logs_it() -> None:
+    board = AlertBoard(base_version=100)
+    first = board.raised(_alert(1))
+    assert first is not None and first.version == 101
+    assert board.raised(_alert(1)) is None
+    assert board.raised(_alert(1, site="annex")) is not None, "another site's channel"
+    # The same after a dump and restore (a hub that took the checkpoint over).
+    restored = AlertBoard.restored(100, board.dump())
+    assert restored.raised(_alert(1)) is None
+    # Once the log has moved on past it, the alert counts as new again.
+    for n in range(2, ALERT_LOG_LENGTH + 2):
+        assert restored.raised(_alert(n)) is not None
+    again = restored.raised(_alert(1))
+    assert again is not None and again.version == 100 + ALERT_LOG_LENGTH + 2
+    # Ids that left the log are forgotten, and those still in it are kept.
+    for n in range(2 * ALERT_LOG_LENGTH):
+        restored.raised(_alert(1_000 + n))
+    assert restored.raised(_alert(1_000 + 2 * ALERT_LOG_LENGTH - 1)) is None
