@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import asyncpg
 import pytest
@@ -26,6 +27,15 @@ from hub.migrate import migrate
 from tests.support import HubProcess, TenantKit, make_dsn, provisioned_tenant, running_hub
 
 REQUIRE_SERVICES = os.environ.get("ATTENDANCE_TEST_REQUIRE_SERVICES") == "1"
+
+
+def missing_service(reason: str) -> NoReturn:
+    """Skip the test for want of a service or tool, saying why; fail instead in CI."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"ATTENDANCE_TEST_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
 MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 MACHINE_REDIS = "redis://127.0.0.1:6379/0"
 TEST_SECRET = "test-secret-" + "x" * 40
@@ -71,10 +81,7 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "machine":
         dsn = _machine_pg()
         if not asyncio.run(_answers(dsn)):
-            reason = f"PostgreSQL at {dsn} does not answer"
-            if REQUIRE_SERVICES:
-                pytest.fail(f"ATTENDANCE_TEST_REQUIRE_SERVICES=1 but {reason}")
-            pytest.skip(reason)
+            missing_service(f"PostgreSQL at {dsn} does not answer")
         yield dsn
         return
     from hub.embedded_pg import EmbeddedPostgres, EmbeddedStartError

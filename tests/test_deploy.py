@@ -34,7 +34,7 @@ import yaml
 from hub.cli import DRAIN_TIMEOUT_S
 from hub.config import ConfigError, Settings
 from hub.tokens import TokenIssuer
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import missing_service
 from workers.fraud import Thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +55,7 @@ def _optional(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        reason = f"{module} is not installed (pip install kubernetes-validate yamllint)"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"ATTENDANCE_TEST_REQUIRE_SERVICES=1 but {reason}")
-        pytest.skip(reason)
+        missing_service(f"{module} is not installed (pip install kubernetes-validate yamllint)")
 
 
 # --- reading the files ---------------------------------------------------------------

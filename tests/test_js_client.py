@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES, TEST_SECRET
+from tests.conftest import TEST_SECRET, missing_service
 
 JS = Path(__file__).resolve().parents[1] / "clients" / "js"
 
@@ -26,10 +26,7 @@ def _node() -> str:
     node = shutil.which("node")
     ready = (JS / "node_modules" / "ws").is_dir()
     if node is None or not ready:
-        reason = "node is not installed" if node is None else "run `make install` (npm ci)"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"ATTENDANCE_TEST_REQUIRE_SERVICES=1 but {reason}")
-        pytest.skip(reason)
+        missing_service("node is not installed" if node is None else "run `make install` (npm ci)")
     return node
 
 

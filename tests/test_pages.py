@@ -25,7 +25,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES, TEST_SECRET
+from tests.conftest import TEST_SECRET, missing_service
 from tests.support import HubProcess, TenantKit, provisioned_tenant, punch_frame, running_hub
 
 # Several processes against one database, and a browser: one server is enough.
@@ -55,9 +55,7 @@ async def browser() -> AsyncIterator[Any]:
     if reason is None and not os.access(CHROMIUM, os.X_OK):
         reason = f"{CHROMIUM} is missing (Debian: apt-get install chromium)"
     if reason is not None:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"ATTENDANCE_TEST_REQUIRE_SERVICES=1 but {reason}")
-        pytest.skip(reason)
+        missing_service(reason)
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
