@@ -35,7 +35,7 @@ from hub.adms import AdmsEndpoints
 from hub.auth import Authenticator, DeviceRegistry
 from hub.broker import Broker, open_broker
 from hub.config import Settings
-from hub.events import Alert, AlertsRaised, HubGone, HubSockets, PresenceEvent
+from hub.events import HubGone, HubSockets, PresenceEvent
 from hub.limits import (
     AddressLimiter,
     FloodMemory,
@@ -100,7 +100,6 @@ class Hub:
         self._working: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._retention: RetentionJob | None = None
-        self._scanning: asyncio.Task[None] | None = None
         # ZKTeco terminals pushing over HTTP, and the task that marks silent ones offline.
         self.adms = AdmsEndpoints(self)
         self._adms_watch: asyncio.Task[None] | None = None
@@ -131,7 +130,7 @@ class Hub:
         metrics.watch_pool("system", self._system_pool)
         async with self._system_pool.acquire() as conn:
             await self.devices.refresh(conn)
-        self._broker = open_broker(self.settings, self._pool, self.run_id, self._apply)
+        self._broker = open_broker(self.settings, self._pool, self.dsn, self.run_id, self._apply)
         await self._broker.start(LiveFloors(self.live, self._system_pool))
         self._clock = asyncio.create_task(self.live.keep_time(self.presence), name="presence-clock")
         self._adms_watch = asyncio.create_task(self.adms.watch(), name="adms-terminals")
@@ -153,10 +152,6 @@ class Hub:
                 scan=OvertimeScan(self._system_pool, self.settings.scan_interval_s),
             )
             self._working = asyncio.create_task(worker.run(), name="stream-worker")
-        elif self.settings.redis_url is None:
-            # One process: the scan for what time raises runs here (on Redis, in workers).
-            scan = OvertimeScan(self._system_pool, self.settings.scan_interval_s)
-            self._scanning = asyncio.create_task(self._scan(scan), name="overtime-scan")
         # Retention deletes across tenants: the system pool, not the application role.
         self._retention = RetentionJob(self._system_pool, self.settings)
         self._retention.start()
@@ -182,19 +177,8 @@ class Hub:
             leaving += [asyncio.create_task(c.drain()) for c in connections[start : start + size]]
         await asyncio.gather(*leaving)
 
-    async def _scan(self, scan: OvertimeScan) -> None:
-        async def announce(alerts: list[Alert]) -> None:
-            self.presence(AlertsRaised(alerts))
-
-        while True:
-            await asyncio.sleep(scan.interval_s)
-            try:
-                await scan.scan(announce)
-            except Exception:
-                log.exception("the overtime scan failed; it runs again in %.0f s", scan.interval_s)
-
     async def stop(self) -> None:
-        for task in (self._following, self._clock, self._scanning, self._adms_watch):
+        for task in (self._following, self._clock, self._adms_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -34,9 +34,9 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 
 from hub import metrics
 from hub.config import Settings
-from hub.events import AlertsRaised, HubGone, PresenceEvent, PunchesCommitted
+from hub.events import HubGone, PresenceEvent, PunchesCommitted
 from hub.redis_keys import WORKER_GROUP, RedisKeys
-from workers.checks import Checker
+from workers.aside import Aside
 from workers.persist import (
     PunchBatcher,
     PunchOutcome,
@@ -59,10 +59,6 @@ PUNCH_DECODER: Final = msgspec.msgpack.Decoder(PunchRequest)
 ACK_DECODER: Final = msgspec.msgpack.Decoder(AckMessage)
 EVENT_DECODER: Final = msgspec.msgpack.Decoder(PresenceEvent)
 
-# Most committed punches the in-process checks take at once, and how long a stopping hub
-# waits for the checks of what it committed.
-CHECK_BATCH_MAX: Final = 4096
-CHECK_DRAIN_S: Final = 5.0
 # Most punches one XADD pipeline carries.
 SEND_BATCH: Final = 512
 # Workers delete what they have answered; this bounds the stream if none run for long. A
@@ -141,9 +137,10 @@ class Broker(Protocol):
 
 
 class LocalBroker:
-    """The persistence worker in this process, and the checks after it."""
+    """The persistence worker in this process; the checks and the overtime scan beside it,
+    in a thread (``workers/aside.py``)."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, on_event: OnEvent) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, settings: Settings, on_event: OnEvent) -> None:
         self._on_event = on_event
         self._batcher = PunchBatcher(
             pool,
@@ -153,45 +150,20 @@ class LocalBroker:
             on_committed=self._committed,
             geofence_accuracy_m=settings.fraud.geofence_accuracy_m,
         )
-        self._checker = Checker.from_settings(pool, settings)
-        self._to_check: asyncio.Queue[list[tuple[PunchRequest, PunchOutcome]]] = asyncio.Queue()
-        self._checking: asyncio.Task[None] | None = None
+        self._aside = Aside(dsn, settings, on_event)
 
     def _committed(self, stored: list[tuple[PunchRequest, PunchOutcome]]) -> None:
         self._on_event(PunchesCommitted(stored, datetime.now(UTC)))
-        self._to_check.put_nowait(stored)
-
-    async def _check(self) -> None:
-        """Check committed batches as they come (those waiting together), after their acks."""
-        while True:
-            batch = await self._to_check.get()
-            taken = 1
-            while not self._to_check.empty() and len(batch) < CHECK_BATCH_MAX:
-                batch = batch + self._to_check.get_nowait()
-                taken += 1
-            try:
-                alerts = await self._checker.check(batch)
-                if alerts:
-                    self._on_event(AlertsRaised(alerts))
-            except Exception:
-                log.exception("the fraud checks failed on a batch of %d punches", len(batch))
-            for _ in range(taken):
-                self._to_check.task_done()
+        self._aside.check(stored)
 
     async def start(self, floors: Floors) -> None:
+        await self._aside.start()
         self._batcher.start()
-        self._checking = asyncio.create_task(self._check(), name="fraud-checks")
         await floors.rebuild()
 
     async def stop(self) -> None:
         await self._batcher.stop()
-        # What was committed is checked before the process goes, unless that takes long.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._to_check.join(), CHECK_DRAIN_S)
-        if self._checking is not None:
-            self._checking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checking
+        await self._aside.stop()
 
     def enqueue(self, request: PunchRequest, reply: Reply) -> None:
         self._batcher.enqueue(request, reply)
@@ -613,10 +585,12 @@ class RedisBroker:
                 await asyncio.wait_for(self._closed.wait(), STREAM_SAMPLE_S)
 
 
-def open_broker(settings: Settings, pool: asyncpg.Pool, hub: str, on_event: OnEvent) -> Broker:
+def open_broker(
+    settings: Settings, pool: asyncpg.Pool, dsn: str, hub: str, on_event: OnEvent
+) -> Broker:
     """The broker the settings ask for: Redis when ``ATTENDANCE_REDIS_URL`` is set."""
     if settings.redis_url is None:
-        return LocalBroker(pool, settings, on_event)
+        return LocalBroker(pool, dsn, settings, on_event)
     return RedisBroker(
         settings.redis_url,
         RedisKeys(settings.redis_prefix),

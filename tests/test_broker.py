@@ -130,11 +130,15 @@ def settings(**env: str) -> Settings:
 
 @pytest.fixture(params=["local", "redis"])
 async def rig(
-    request: pytest.FixtureRequest, pool: asyncpg.Pool, redis_server: str, redis_prefix: str
+    request: pytest.FixtureRequest,
+    pool: asyncpg.Pool,
+    database: str,
+    redis_server: str,
+    redis_prefix: str,
 ) -> AsyncIterator[Rig]:
     found: list[PresenceEvent] = []
     if request.param == "local":
-        made = Rig(LocalBroker(pool, settings(), found.append), found)
+        made = Rig(LocalBroker(pool, database, settings(), found.append), found)
         await made.broker.start(LiveFloors(Live(1), pool))
         yield made
         await made.broker.stop()

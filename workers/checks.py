@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -227,15 +227,20 @@ class Checker:
         if not findings:
             return []
         now = datetime.now(UTC)
-        offset = len(past)
-        ids = [record["id"] for record in past.values()] + [r.id for r, _ in batch]
+        # What each row is about: history's from its record, the batch's from its request.
+        subjects = [_subject_of(record) for record in past.values()]
+        subjects += [_subject(request, outcome) for request, outcome in batch]
         made: dict[uuid.UUID, tuple[Alert, uuid.UUID]] = {}
         for f in findings:
-            request, outcome = batch[f.index - offset]
+            subject = subjects[f.index]
             # A pair's alert is the pair's, whichever of the two is checked.
-            about = sorted((request.id, ids[f.other])) if f.other >= 0 else [request.id]
-            alert = _alert(tenant, f, request, outcome, about, now)
-            made.setdefault(alert.id, (alert, request.id))
+            about = (
+                sorted((subject.punch, subjects[f.other].punch))
+                if f.other >= 0
+                else [subject.punch]
+            )
+            alert = _alert(tenant, f, subject, about, now)
+            made.setdefault(alert.id, (alert, subject.punch))
         alerts = [alert for alert, _ in made.values()]
         # A batch with duplicates may be a worker's batch delivered again: what it raised
         # before may never have been announced, so it is announced again (hubs skip what
@@ -393,27 +398,49 @@ MESSAGES: Final = {
 }
 
 
+class _Subject(NamedTuple):
+    """The punch an alert is about."""
+
+    punch: uuid.UUID
+    employee: str | None
+    kind: str
+    at: datetime
+    site: str | None
+    device: str | None
+
+
+def _subject(request: PunchRequest, outcome: PunchOutcome) -> _Subject:
+    return _Subject(
+        request.id, outcome.employee, request.kind, request.at, outcome.site, request.device
+    )
+
+
+def _subject_of(record: asyncpg.Record) -> _Subject:
+    return _Subject(
+        record["id"],
+        record["employee"],
+        record["kind"],
+        record["at"],
+        record["site"],
+        record["device"],
+    )
+
+
 def _alert(
-    tenant: str,
-    finding: Finding,
-    request: PunchRequest,
-    outcome: PunchOutcome,
-    about: list[uuid.UUID],
-    now: datetime,
+    tenant: str, finding: Finding, subject: _Subject, about: list[uuid.UUID], now: datetime
 ) -> Alert:
-    employee = outcome.employee
-    detail: dict[str, Any] = {**finding.detail, "punch": str(request.id), "kind": request.kind}
-    if request.device is not None:
-        detail["device"] = request.device
-    message = MESSAGES[finding.kind].format(employee=employee, **finding.detail)
+    detail: dict[str, Any] = {**finding.detail, "punch": str(subject.punch), "kind": subject.kind}
+    if subject.device is not None:
+        detail["device"] = subject.device
+    message = MESSAGES[finding.kind].format(employee=subject.employee, **finding.detail)
     return Alert(
         tenant=tenant,
         id=uuid.uuid5(ALERT_NAMESPACE, "/".join([tenant, finding.kind, *map(str, about)])),
         kind=finding.kind,
         severity=SEVERITY[finding.kind],
-        employee=employee,
-        site=outcome.site,
-        at=request.at,
+        employee=subject.employee,
+        site=subject.site,
+        at=subject.at,
         message=message,
         detail=detail,
         raised_at=now,

@@ -2,10 +2,11 @@
 
 The caller (``workers/checks.py``) hands over one batch of committed punches together with
 the recent history of the same employees and devices, all as ``Punches`` arrays, with
-``new`` marking the batch. Every check looks at the whole, and reports only punches of the
-batch (of a suspicious pair, the later one, unless only the earlier is new), so that a
-batch checked twice (a worker died before acknowledging it) finds the same things again,
-and history is never reported twice.
+``new`` marking the batch. Every check looks at the whole, and reports what involves a
+punch of the batch: a punch's own finding on it, a suspicious pair's on the one of the two
+received later, even if that one is history (whichever of the two is checked first, and
+whenever, the pair is reported on the same punch). A batch checked twice (a worker died
+before acknowledging it) finds the same things again; history alone is never reported.
 
 The checks, each a function below (thresholds in ``Thresholds``, settings in hub/config.py):
 
@@ -208,12 +209,17 @@ def _consecutive(first: Ints, at: Floats) -> tuple[Ints, Ints, Bools]:
 
 
 def _reported(p: Punches, before: Ints, after: Ints) -> tuple[Ints, Ints]:
-    """For pairs found suspicious: the punch to report (the later one, or the earlier if
-    only it is new, arriving from an offline queue), and the other; pairs of history only
-    are dropped."""
-    chosen = np.where(p.new[after], after, before)
-    other = np.where(p.new[after], before, after)
-    keep = p.new[chosen]
+    """For pairs found suspicious: the punch to report, the one received later (the later
+    one, or an earlier one arriving from an offline queue), new or not, and the other;
+    pairs of history only are dropped.
+
+    Whichever of the two is checked first, and whatever the other's state then, the pair
+    is reported on the same punch.
+    """
+    later = p.received[after] >= p.received[before]
+    chosen = np.where(later, after, before)
+    other = np.where(later, before, after)
+    keep = p.new[chosen] | p.new[other]
     return chosen[keep], other[keep]
 
 
