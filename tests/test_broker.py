@@ -7,11 +7,14 @@ Real PostgreSQL and real Redis, in this process: no hub, no WebSocket.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -257,6 +260,65 @@ async def test_committed_punches_are_checked_and_their_alerts_stored_once(
     }
     stored = await owner.fetch("SELECT kind FROM alerts WHERE tenant = $1", tenant)
     assert [r["kind"] for r in stored] == ["clock_skew"]
+
+
+def checks_processes() -> list[int]:
+    """The pids of this process's children running ``workers.aside``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"workers.aside" in command:
+            found.append(int(entry.name))
+    return found
+
+
+async def alerts_about(rig: Rig, punch: PunchRequest) -> list[str]:
+    """The kinds of the alerts announced about ``punch``, once there are any (10 s at most)."""
+    for _ in range(1000):
+        kinds = [
+            a.kind
+            for e in rig.events
+            if isinstance(e, AlertsRaised)
+            for a in e.alerts
+            if a.detail["punch"] == str(punch.id)
+        ]
+        if kinds:
+            return kinds
+        await asyncio.sleep(0.01)
+    return []
+
+
+async def test_a_checks_process_that_dies_is_replaced(
+    pool: asyncpg.Pool, database: str, tenant: str
+) -> None:
+    found: list[PresenceEvent] = []
+    rig = Rig(LocalBroker(pool, database, settings(), found.append), found)
+    await rig.broker.start(LiveFloors(Live(1), pool))
+    try:
+        [first] = checks_processes()
+        skewed = request(tenant, at=datetime.now(UTC) - timedelta(hours=1))
+        assert (await submit(rig.broker, skewed)).status == "accepted"
+        assert await alerts_about(rig, skewed) == ["clock_skew"]
+        os.kill(first, signal.SIGKILL)
+        for _ in range(500):
+            if (now := checks_processes()) and now != [first]:
+                break
+            await asyncio.sleep(0.01)
+        assert now != [first] and len(now) == 1
+        # Punches are acked whether or not a checks process runs; the new one checks them.
+        later = request(tenant, kind="out", at=datetime.now(UTC) - timedelta(hours=1))
+        assert (await submit(rig.broker, later)).status == "accepted"
+        assert await alerts_about(rig, later) == ["clock_skew"]
+    finally:
+        await rig.broker.stop()
+    assert checks_processes() == []
 
 
 async def test_stopping_answers_what_waits(rig: Rig, tenant: str) -> None:
