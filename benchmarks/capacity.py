@@ -106,7 +106,11 @@ class Hub:
         return proc_status_kib(self.pid, "VmRSS")
 
     def cpu_s(self) -> float:
-        return _pid_cpu_s(self.pid)
+        """The hub's CPU seconds and its checks process's (``workers/aside.py``)."""
+        return _pid_cpu_s(self.pid) + sum(_pid_cpu_s(pid) for pid in self.checks_pids())
+
+    def checks_pids(self) -> list[int]:
+        return [pid for pid in _pids_running(r"-m workers\.aside") if _parent_pid(pid) == self.pid]
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
@@ -119,6 +123,13 @@ class Hub:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(10)
+
+
+def _parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def proc_status_kib(pid: int, key: str) -> int:
