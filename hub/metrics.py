@@ -326,11 +326,19 @@ ALERTS = Counter(
 _ALERTS: Final = {kind: ALERTS.labels(kind) for kind in ALERT_KINDS}
 
 
+# The same counts as a plain tally, for a process that hands its counts to the one serving
+# the metrics (the one-process hub's checks process, workers/aside.py) without walking the
+# registry.
+ALERTS_TALLY: Final[collections.Counter[str]] = collections.Counter()
+
+
 def alert_raised(kind: str) -> None:
     counter = _ALERTS.get(kind)
     if counter is None:
-        counter = ALERTS.labels("other")
+        kind = "other"
+        counter = ALERTS.labels(kind)
     counter.inc()
+    ALERTS_TALLY[kind] += 1
 
 
 # -- the punch stream (Redis) ---------------------------------------------------------------------

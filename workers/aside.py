@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-from prometheus_client import REGISTRY
 
 from hub import logs, metrics, store
 from hub.config import Settings
@@ -191,16 +190,18 @@ class _Child:
         self._settings = settings
         self._writer = writer
         self._to_check: asyncio.Queue[Stored] = asyncio.Queue()
-        self._counted = dict.fromkeys([*metrics.ALERT_KINDS, "other"], 0.0)
+        # metrics.ALERTS_TALLY as last told to the hub.
+        self._counted: dict[str, int] = {}
 
     def _send(self, alerts: list[Alert]) -> None:
         """Tell the hub what was raised, and what was stored since the last message."""
-        counted: dict[str, int] = {}
-        for kind, before in self._counted.items():
-            now = REGISTRY.get_sample_value("attendance_alerts_raised_total", {"kind": kind}) or 0.0
-            if now > before:
-                counted[kind] = int(now - before)
-                self._counted[kind] = now
+        counted = {
+            kind: count - self._counted.get(kind, 0)
+            for kind, count in metrics.ALERTS_TALLY.items()
+            if count > self._counted.get(kind, 0)
+        }
+        if counted:
+            self._counted = dict(metrics.ALERTS_TALLY)
         if alerts or counted:
             self._writer.write(_frame(Raised(alerts, counted)))
 
