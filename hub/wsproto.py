@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from uvicorn.protocols.utils import ClientDisconnected
@@ -157,12 +157,85 @@ class CorkableTransport(asyncio.Transport):
         return self._transport.get_protocol()
 
 
+class Inbox(asyncio.Queue[ASGIReceiveEvent]):
+    """What the protocol uses of an ``asyncio.Queue`` (``put_nowait``, ``get``, ``empty``,
+    ``qsize``), for its one reader, in a list and at most one future.
+
+    An ``asyncio.Queue`` is four deques of 760 bytes from the start: 3 KiB of every idle
+    socket, for a queue that holds a message or two (reading pauses while one waits).
+    """
+
+    def __init__(self) -> None:  # not the Queue's: its deques are what this spares
+        self._items: list[ASGIReceiveEvent] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: ASGIReceiveEvent) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> ASGIReceiveEvent:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
+class Flag(asyncio.Event):
+    """An ``asyncio.Event`` (set at first) whose waiters' list is made when one waits: the
+    protocol's ``writable`` flag is waited on only while a socket's buffer is full."""
+
+    def __init__(self) -> None:  # not the Event's: its deque is what this spares
+        self._value = True
+        self._waiting: list[asyncio.Future[bool]] = []
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        self._value = True
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> Literal[True]:
+        if self._value:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+        return True
+
+
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's ``websockets-sansio`` protocol over a ``CorkableTransport``.
 
     Pass the class itself as uvicorn's ``ws`` option. The scope of every
     connection carries ``{"cork": ..., "uncork": ...}`` under ``CORK_EXTENSION``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = Inbox()
+        self.writable = Flag()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.corkable = CorkableTransport(cast(asyncio.Transport, transport))
