@@ -197,7 +197,11 @@ class Settings:
             scan_interval_s=_int(env, "ATTENDANCE_SCAN_INTERVAL_S", 60, minimum=1),
             adms_delay_s=_int(env, "ATTENDANCE_ADMS_DELAY_S", 10, minimum=1),
             adms_offline_after_s=_int(env, "ATTENDANCE_ADMS_OFFLINE_AFTER_S", 60, minimum=1),
-            drain_window_s=_seconds(env, "ATTENDANCE_DRAIN_WINDOW_S", 5.0),
+            # Several hubs take turns with the clients of one that drains; a hub on its own
+            # has nowhere to send them, and a long window only delays its restart.
+            drain_window_s=_seconds(
+                env, "ATTENDANCE_DRAIN_WINDOW_S", 5.0 if redis_url is not None else 1.0
+            ),
             worker_metrics_port=_int(env, "ATTENDANCE_WORKER_METRICS_PORT", 0),
             log_format=_log_format(env),
         )

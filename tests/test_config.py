@@ -1,4 +1,4 @@
-"""Settings from the environment (hub/config.py): the abuse-limit settings."""
+"""Settings from the environment (hub/config.py): the abuse limits and the drain window."""
 
 from __future__ import annotations
 
@@ -69,3 +69,11 @@ def test_a_flood_limit_the_rate_could_never_reach_is_refused(rate: str, flood: s
 def test_a_flood_limit_within_reach_of_the_rate_is_taken() -> None:
     env = {"ATTENDANCE_RATE_PER_S": "5", "ATTENDANCE_RATE_FLOOD": "49"}
     assert Settings.from_env(env).rate_flood == 49
+
+
+def test_the_drain_window_is_short_for_a_hub_on_its_own() -> None:
+    assert Settings.from_env({}).drain_window_s == 1.0
+    assert Settings.from_env({"ATTENDANCE_REDIS_URL": "redis://r:6379"}).drain_window_s == 5.0
+    chosen = {"ATTENDANCE_REDIS_URL": "redis://r:6379", "ATTENDANCE_DRAIN_WINDOW_S": "2.5"}
+    assert Settings.from_env(chosen).drain_window_s == 2.5
+    assert Settings.from_env({"ATTENDANCE_DRAIN_WINDOW_S": "0"}).drain_window_s == 0.0
