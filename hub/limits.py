@@ -9,7 +9,7 @@ layer (``hub/ws.py``, ``hub/app.py``) owns the clock and answers the refusals.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -96,7 +96,7 @@ class FrameLimiter:
         self.burst = burst
         self.flood = flood
         self._bucket = TokenBucket(rate_per_s, burst)
-        self._refused: deque[float] = deque()
+        self._refused: list[float] = []
 
     def check(self, now: float) -> Verdict:
         if self._bucket.take(now):
@@ -104,7 +104,7 @@ class FrameLimiter:
         refused = self._refused
         refused.append(now)
         while now - refused[0] > FLOOD_WINDOW_S:
-            refused.popleft()
+            refused.pop(0)
         if len(refused) > self.flood:
             return Verdict.FLOOD
         return Verdict.REFUSE

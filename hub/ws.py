@@ -17,7 +17,7 @@ import math
 import random
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -94,7 +94,9 @@ class Connection:
             floods=hub.floods,
             tenants=hub.tenant_connections,
         )
-        self._outbox: deque[bytes | Framed | tuple[int, str]] = deque()
+        # A list, not a deque: a deque is 760 bytes however empty, and an outbox holds a
+        # frame or two (a slow consumer's holds at most `send_queue_frames`).
+        self._outbox: list[bytes | Framed | tuple[int, str]] = []
         self._outbox_limit = hub.settings.send_queue_frames
         self._outbox_bytes_limit = hub.settings.send_queue_bytes
         self._outbox_bytes = 0
@@ -472,7 +474,7 @@ class Connection:
             self._cork()
             try:
                 while outbox:
-                    item = outbox.popleft()
+                    item = outbox.pop(0)
                     if isinstance(item, Framed):
                         self._outbox_bytes -= len(item.data)
                     elif isinstance(item, bytes):
