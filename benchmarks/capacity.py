@@ -51,6 +51,8 @@ import psutil
 import run as bench
 from loadgen import _pid_cpu_s, _pids_running, machine_busy_s
 
+from hub.config import Settings
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -786,7 +788,7 @@ def cmd_storm(args: argparse.Namespace) -> dict[str, Any]:
         old = s.hub
         log(f"SIGTERM to hub pid {old.pid}")
         old.popen.send_signal(signal.SIGTERM)
-        drain_window = float(s.env.get("ATTENDANCE_DRAIN_WINDOW_S") or 5)
+        drain_window = Settings.from_env(s.env).drain_window_s
         try:
             old.popen.wait(drain_window + 40)
         except subprocess.TimeoutExpired:

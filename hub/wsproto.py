@@ -278,6 +278,12 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # What only the handshake needed, 1-2 KiB a socket for all of its life: the
+            # request and response (and their headers), and the request's headers in the
+            # scope (the application read what it wanted of them before accepting).
+            del self.request, self.response
+            self.scope["headers"] = []
         if (
             message["type"] == "websocket.close"
             and message.get("code") in SHUT_OUT_CODES
