@@ -32,6 +32,7 @@ import platform
 import re
 import resource
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -227,7 +228,9 @@ class Locust:
         extra: list[str],
     ) -> None:
         self.dir = out / "locust"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # An earlier run's status and histogram files would be read as this run's.
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
         self.terminals = terminals
         self.supervisors = supervisors
         users = terminals + supervisors

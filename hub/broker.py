@@ -138,7 +138,7 @@ class Broker(Protocol):
 
 class LocalBroker:
     """The persistence worker in this process; the checks and the overtime scan beside it,
-    in a thread (``workers/aside.py``)."""
+    in a child process (``workers/aside.py``)."""
 
     def __init__(self, pool: asyncpg.Pool, dsn: str, settings: Settings, on_event: OnEvent) -> None:
         self._on_event = on_event

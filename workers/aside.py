@@ -27,6 +27,7 @@ import os
 import signal
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -46,8 +47,14 @@ log = logging.getLogger(__name__)
 # the checks of what it committed.
 CHECK_BATCH_MAX: Final = 4096
 CHECK_DRAIN_S: Final = 5.0
-# How long after a child died the hub starts another.
+# How long after a child died the hub starts another: at first RESTART_AFTER_S, doubling up
+# to RESTART_MAX_S while children keep dying young (PostgreSQL is down, say), and back to
+# the first after one lived RESTART_RESET_S.
 RESTART_AFTER_S: Final = 1.0
+RESTART_MAX_S: Final = 30.0
+RESTART_RESET_S: Final = 60.0
+# Most committed punches held for a checks process that is starting.
+HOLD_MAX: Final = 100_000
 
 Stored = list[tuple[PunchRequest, PunchOutcome]]
 HEADER: Final = struct.Struct("!I")
@@ -108,6 +115,11 @@ class Aside:
         self._stopping = False
         # Set once a child has started (or starting failed), for ``start`` to wait on.
         self._started = asyncio.Event()
+        # Batches committed while no child runs (one is starting), handed to the next one;
+        # past HOLD_MAX punches they are counted in `_unchecked` instead, and logged.
+        self._held: list[Stored] = []
+        self._held_punches = 0
+        self._unchecked = 0
 
     async def start(self) -> None:
         self._running = asyncio.create_task(self._run(), name="checks-process")
@@ -118,6 +130,11 @@ class Aside:
         child = self._child
         if child is not None and child.stdin is not None and not child.stdin.is_closing():
             child.stdin.write(_frame(stored))
+        elif self._held_punches + len(stored) <= HOLD_MAX:
+            self._held.append(stored)
+            self._held_punches += len(stored)
+        else:
+            self._unchecked += len(stored)
 
     async def stop(self) -> None:
         """Let the child check what it was handed (up to ``CHECK_DRAIN_S``), then stop it."""
@@ -134,28 +151,60 @@ class Aside:
                 if child is not None and child.returncode is None:
                     child.kill()
                 await self._running
+        if self._held_punches or self._unchecked:
+            log.error(
+                "%d committed punches were not checked: the checks process was not running",
+                self._held_punches + self._unchecked,
+            )
 
     async def _run(self) -> None:
-        """Run a child, and another whenever one dies, until the hub stops."""
-        while not self._stopping:
-            try:
-                child = await self._spawn()
-            except OSError:
-                log.exception("the checks process could not be started")
-            else:
-                self._child = child
+        """Run a child, and another whenever one dies, until the hub stops; a child that
+        did not last ``RESTART_RESET_S`` is followed after a growing pause."""
+        pause = RESTART_AFTER_S
+        try:
+            while not self._stopping:
+                began = time.monotonic()
+                try:
+                    code = await self._life()
+                except Exception:
+                    log.exception("the checks process failed")
+                    code = None
                 self._started.set()
                 if self._stopping:
-                    assert child.stdin is not None
-                    child.stdin.close()
-                await self._follow(child)
-                code = await child.wait()
-                self._child = None
-                if self._stopping:
                     return
-                log.error("the checks process exited with code %s; starting another", code)
+                if time.monotonic() - began > RESTART_RESET_S:
+                    pause = RESTART_AFTER_S
+                log.error("the checks process ended (exit code %s); another in %.0f s", code, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RESTART_MAX_S)
+        finally:
             self._started.set()
-            await asyncio.sleep(RESTART_AFTER_S)
+
+    async def _life(self) -> int | None:
+        """One child, from its start to its exit code."""
+        child = await self._spawn()
+        try:
+            assert child.stdin is not None
+            for stored in self._held:
+                child.stdin.write(_frame(stored))
+            self._held, self._held_punches = [], 0
+            if self._unchecked:
+                log.error(
+                    "%d committed punches were not checked: no checks process was running",
+                    self._unchecked,
+                )
+                self._unchecked = 0
+            self._child = child
+            self._started.set()
+            if self._stopping:
+                child.stdin.close()
+            await self._follow(child)
+            return await child.wait()
+        finally:
+            self._child = None
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         child = await asyncio.create_subprocess_exec(
@@ -174,12 +223,19 @@ class Aside:
         """Announce what the child raises, until its stdout ends."""
         assert child.stdout is not None
         while (data := await _read_frame(child.stdout)) is not None:
-            raised = RAISED_DECODER.decode(data)
+            try:
+                raised = RAISED_DECODER.decode(data)
+            except msgspec.DecodeError:
+                log.exception("the checks process sent what is not a Raised message")
+                continue
             for kind, count in raised.counted.items():
                 for _ in range(count):
                     metrics.alert_raised(kind)
             if raised.alerts:
-                self._on_event(AlertsRaised(raised.alerts))
+                try:
+                    self._on_event(AlertsRaised(raised.alerts))
+                except Exception:
+                    log.exception("announcing %d alerts failed", len(raised.alerts))
 
 
 # The child
@@ -222,8 +278,12 @@ class _Child:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # The counts of what the last checks stored, then everything written reaches
+            # the hub before the process goes.
+            self._send([])
+            self._writer.close()
             with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
+                await self._writer.wait_closed()
             await pool.close()
             await system.close()
 
