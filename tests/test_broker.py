@@ -7,6 +7,7 @@ Real PostgreSQL and real Redis, in this process: no hub, no WebSocket.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -319,6 +320,22 @@ async def test_a_checks_process_that_dies_is_replaced(
     finally:
         await rig.broker.stop()
     assert checks_processes() == []
+
+
+async def test_the_checks_process_stops_cleanly_with_the_hub(
+    pool: asyncpg.Pool, database: str, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    found: list[PresenceEvent] = []
+    rig = Rig(LocalBroker(pool, database, settings(), found.append), found)
+    await rig.broker.start(LiveFloors(Live(1), pool))
+    skewed = request(tenant, at=datetime.now(UTC) - timedelta(hours=1))
+    assert (await submit(rig.broker, skewed)).status == "accepted"
+    with caplog.at_level(logging.ERROR, logger="workers.aside"):
+        await rig.broker.stop()
+    assert [r.getMessage() for r in caplog.records if r.name == "workers.aside"] == []
+    assert checks_processes() == []
+    # What it was handed before the stop was checked and announced.
+    assert await alerts_about(rig, skewed) == ["clock_skew"]
 
 
 async def test_stopping_answers_what_waits(rig: Rig, tenant: str) -> None:

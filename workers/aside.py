@@ -171,6 +171,8 @@ class Aside:
                     code = None
                 self._started.set()
                 if self._stopping:
+                    if code:
+                        log.error("the checks process exited with code %s as it stopped", code)
                     return
                 if time.monotonic() - began > RESTART_RESET_S:
                     pause = RESTART_AFTER_S
@@ -279,11 +281,14 @@ class _Child:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             # The counts of what the last checks stored, then everything written reaches
-            # the hub before the process goes.
+            # the hub before the process goes (a pipe's writer has no `wait_closed`).
             self._send([])
+            transport = self._writer.transport
+            for _ in range(int(CHECK_DRAIN_S * 100)):
+                if not transport.get_write_buffer_size() or transport.is_closing():
+                    break
+                await asyncio.sleep(0.01)
             self._writer.close()
-            with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
             await pool.close()
             await system.close()
 
