@@ -327,18 +327,17 @@ _ALERTS: Final = {kind: ALERTS.labels(kind) for kind in ALERT_KINDS}
 
 
 # The same counts as a plain tally, for a process that hands its counts to the one serving
-# the metrics (the one-process hub's checks process, workers/aside.py) without walking the
-# registry.
+# the metrics (the one-process hub's checks process, workers/aside.py, takes and clears it).
 ALERTS_TALLY: Final[collections.Counter[str]] = collections.Counter()
 
 
-def alert_raised(kind: str) -> None:
+def alert_raised(kind: str, count: int = 1) -> None:
     counter = _ALERTS.get(kind)
     if counter is None:
         kind = "other"
         counter = ALERTS.labels(kind)
-    counter.inc()
-    ALERTS_TALLY[kind] += 1
+    counter.inc(count)
+    ALERTS_TALLY[kind] += count
 
 
 # -- the punch stream (Redis) ---------------------------------------------------------------------

@@ -124,6 +124,27 @@ class HubProcess:
         stop_process(self.popen)
 
 
+@dataclass(frozen=True)
+class ProcessEntry:
+    pid: int
+    parent: int
+    state: str
+    command: bytes  # /proc/<pid>/cmdline: the arguments, each ended by a NUL
+
+
+def processes() -> Iterator[ProcessEntry]:
+    """The processes of the machine, from /proc (those that go while it looks are skipped)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes()
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        yield ProcessEntry(int(proc.name), int(fields[1]), fields[0], command)
+
+
 def stop_process(popen: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM a child that may still run, and SIGKILL it if it takes more than 20 s."""
     if popen is None or popen.poll() is not None:

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -37,6 +36,7 @@ from hub.events import (
 from hub.live import Live, LiveFloors
 from hub.presence import TerminalMember
 from hub.redis_keys import WORKER_GROUP, RedisKeys
+from tests.support import processes
 from workers.checks import Checker
 from workers.persist import PunchOutcome, PunchRequest, StoreUnavailable
 from workers.stream import StreamWorker
@@ -265,19 +265,11 @@ async def test_committed_punches_are_checked_and_their_alerts_stored_once(
 
 def checks_processes() -> list[int]:
     """The pids of this process's children running ``workers.aside``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and b"workers.aside" in command:
-            found.append(int(entry.name))
-    return found
+    return [
+        proc.pid
+        for proc in processes()
+        if proc.parent == os.getpid() and b"workers.aside" in proc.command
+    ]
 
 
 async def alerts_about(rig: Rig, punch: PunchRequest) -> list[str]:

@@ -28,7 +28,7 @@ import websockets
 from websockets.typing import Subprotocol
 
 from hub.embedded_pg import DataDirBusy, EmbeddedPostgres
-from tests.support import JSON, Client, HubProcess, free_port, punch_frame
+from tests.support import JSON, Client, HubProcess, free_port, processes, punch_frame
 
 pytestmark = pytest.mark.postgres
 
@@ -139,17 +139,10 @@ def _env(data_dir: Path) -> dict[str, str]:
 
 def _live_processes_mentioning(needle: bytes) -> list[str]:
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue  # Gone while we looked.
-        if needle in cmdline and state != "Z":
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{proc.name}: {command}")
+    for proc in processes():
+        if needle in proc.command and proc.state != "Z":
+            command = proc.command.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{proc.pid}: {command}")
     return found
 
 

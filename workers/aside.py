@@ -68,6 +68,9 @@ class Raised(msgspec.Struct, array_like=True):
     counted: dict[str, int]
 
 
+# The settings' one type msgspec does not know. A hook raises NotImplementedError for any
+# other type: that is msgspec's signal for "not mine", which it reports as an encode or
+# decode error naming the type.
 def _enc_hook(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -231,8 +234,7 @@ class Aside:
                 log.exception("the checks process sent what is not a Raised message")
                 continue
             for kind, count in raised.counted.items():
-                for _ in range(count):
-                    metrics.alert_raised(kind)
+                metrics.alert_raised(kind, count)
             if raised.alerts:
                 try:
                     self._on_event(AlertsRaised(raised.alerts))
@@ -248,18 +250,11 @@ class _Child:
         self._settings = settings
         self._writer = writer
         self._to_check: asyncio.Queue[Stored] = asyncio.Queue()
-        # metrics.ALERTS_TALLY as last told to the hub.
-        self._counted: dict[str, int] = {}
 
     def _send(self, alerts: list[Alert]) -> None:
         """Tell the hub what was raised, and what was stored since the last message."""
-        counted = {
-            kind: count - self._counted.get(kind, 0)
-            for kind, count in metrics.ALERTS_TALLY.items()
-            if count > self._counted.get(kind, 0)
-        }
-        if counted:
-            self._counted = dict(metrics.ALERTS_TALLY)
+        counted = dict(metrics.ALERTS_TALLY)
+        metrics.ALERTS_TALLY.clear()
         if alerts or counted:
             self._writer.write(_frame(Raised(alerts, counted)))
 
