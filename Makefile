@@ -25,5 +25,6 @@ lint: install
 	$(BIN)/ruff format --check hub workers
 	$(BIN)/mypy
 
+# Two workers (pytest-xdist), a test file each at a time: most tests wait on hubs, not on a core.
 test: install lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile

@@ -25,20 +25,24 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import msgspec
 
 from workers.timesheets import (
+    DAY_REGULAR,
     MAX_OPEN,
+    WEEK_REGULAR,
+    Day,
     Punch,
     Rules,
     Shift,
-    round_time,
+    rounded,
     shifts,
     timesheet,
+    timesheet_of_rounded,
     week_of,
 )
 
@@ -92,33 +96,57 @@ def _missed_break(
     return due
 
 
+class Judgement(msgspec.Struct, frozen=True):
+    """What to alert about for one employee now, and until when nothing new can come of
+    time passing alone: judged again before ``quiet_until`` with no other punch, the
+    findings are these or fewer. ``NEVER`` when only a punch can change them."""
+
+    findings: list[LiveFinding]
+    quiet_until: datetime
+
+
+NEVER: Final = datetime.max.replace(tzinfo=UTC)
+# Worked minutes are whole, each rounded: what ``quiet_until`` allows for that.
+QUIET_MARGIN: Final = timedelta(minutes=2)
+
+
 def live_findings(
     punches: Sequence[Punch], rules: Rules, now: datetime, *, eu_wtd: bool = False
-) -> list[LiveFinding]:
-    """What to alert about for one employee, now."""
+) -> Judgement:
+    """What to alert about for one employee, now, and until when time alone changes nothing.
+
+    Time adds findings only to an open shift: ``missing_clock_out`` when it passes
+    ``MAX_OPEN``, and while at work (not on a break), ``meal_break`` when its work passes a
+    break's deadline, ``overtime_approaching`` and ``overtime`` when the day's or the
+    week's work nears a threshold (or a new local day begins, a seventh day in
+    California). ``quiet_until`` is the earliest of those.
+    """
     zone = ZoneInfo(rules.timezone)
     now = now.astimezone(UTC)
-    ordered = sorted(
-        (Punch(round_time(p.at, rules.rounding_minutes, zone), p.kind) for p in punches),
-        key=lambda p: p.at,
-    )
+    ordered = rounded(punches, rules)
     found: list[LiveFinding] = []
+    quiet = NEVER
     worked, _ = shifts(ordered, now)
     recent = [s for s in worked if s.end is None or now - s.end <= LOOKBACK]
     current = worked[-1] if worked and worked[-1].end is None else None
-    if current is not None and now - current.start > MAX_OPEN:
-        found.append(
-            LiveFinding(
-                "missing_clock_out",
-                f"shift/{current.start.isoformat()}",
-                current.start,
-                {"open_hours": round((now - current.start).total_seconds() / 3600, 1)},
+    at_work = current is not None and not current.on_break
+    if current is not None:
+        if now - current.start > MAX_OPEN:
+            found.append(
+                LiveFinding(
+                    "missing_clock_out",
+                    f"shift/{current.start.isoformat()}",
+                    current.start,
+                    {"open_hours": round((now - current.start).total_seconds() / 3600, 1)},
+                )
             )
-        )
-        current = None
+        else:
+            quiet = current.start + MAX_OPEN
+        if at_work:
+            quiet = min(quiet, _break_deadline(current, rules, now, eu_wtd=eu_wtd))
     today = now.astimezone(zone).date()
-    days = {day.date: day for day in timesheet(ordered, rules, now)}
     if rules.overtime != "none":
+        days = {day.date: day for day in timesheet_of_rounded(ordered, rules, now)}
         day = days.get(today)
         if day is not None and day.overtime_minutes + day.double_time_minutes > 0:
             found.append(
@@ -134,8 +162,8 @@ def live_findings(
                     },
                 )
             )
-        elif current is not None and current.work and current.work[-1][1] == now:
-            crossing = _crossing(ordered, rules, now, today)
+        else:
+            crossing = _crossing(ordered, rules, now, today, current)
             if crossing is not None:
                 found.append(
                     LiveFinding(
@@ -145,6 +173,12 @@ def live_findings(
                         {"date": today.isoformat(), "within_minutes": crossing},
                     )
                 )
+            if at_work:
+                quiet = min(quiet, _overtime_nears(days, rules, now, today))
+        if at_work:
+            # A new day: another day's overtime, or California's seventh day.
+            midnight = datetime.combine(today + timedelta(days=1), time(0), zone)
+            quiet = min(quiet, midnight.astimezone(UTC))
     for shift in recent:
         key = f"shift/{shift.start.isoformat()}"
         if rules.overtime == "california":
@@ -169,21 +203,76 @@ def live_findings(
                         {"rest_hours": round(rest.total_seconds() / 3600, 2)},
                     )
                 )
-    return found
+    return Judgement(found, max(quiet, now))
 
 
-def _crossing(punches: list[Punch], rules: Rules, now: datetime, today: Any) -> int | None:
-    """Minutes until today's work first includes overtime if the open shift goes on; None
-    if not within the hour."""
-    step = APPROACH_STEP
-    while step <= APPROACH:
+def _break_deadline(shift: Shift, rules: Rules, now: datetime, *, eu_wtd: bool) -> datetime:
+    """When the open shift's work passes a break's deadline (``_missed_break``: a minute past
+    it), if it has not yet; ``NEVER`` if no rule applies or it has."""
+    done = sum((end - start for start, end in shift.work), timedelta(0))
+    rules_due = ((MEAL_AFTER, rules.overtime == "california"), (EU_BREAK_AFTER, eu_wtd))
+    deadlines = [
+        now + after + timedelta(minutes=1) - done
+        for after, applies in rules_due
+        if applies and done < after + timedelta(minutes=1)
+    ]
+    return min(deadlines, default=NEVER)
+
+
+def _overtime_nears(days: dict[date, Day], rules: Rules, now: datetime, today: date) -> datetime:
+    """The earliest time today's work could be within the hour of overtime, at work from
+    now on: its room under the week's 40 hours (and in California the day's 8), less the
+    hour ``overtime_approaching`` looks ahead."""
+    week = week_of(today, rules.workweek_start)
+    room = WEEK_REGULAR - sum(d.worked_minutes for d in days.values() if week <= d.date <= today)
+    if rules.overtime == "california":
+        room = min(room, DAY_REGULAR - (days[today].worked_minutes if today in days else 0))
+    return now + timedelta(minutes=room) - APPROACH - timedelta(minutes=1) - QUIET_MARGIN
+
+
+def _crossing(
+    punches: list[Punch], rules: Rules, now: datetime, today: date, current: Shift | None
+) -> int | None:
+    """Minutes until today's work first includes overtime if the open shift, at work up
+    to now, goes on; None if not within the hour, or not at work.
+
+    Today's overtime only grows with today's work, so the steps are searched by halves.
+    Work open for longer than ``MAX_OPEN`` counts nothing (``pair``), so no step past
+    that can be overtime when now is not.
+    """
+
+    def over(step: timedelta) -> bool:
         # A minute past the step: overtime starts with the first minute over the threshold.
         then = now + step + timedelta(minutes=1)
-        day = next((d for d in timesheet(punches, rules, then) if d.date == today), None)
-        if day is not None and day.overtime_minutes + day.double_time_minutes > 0:
-            return int(step.total_seconds() // 60)
-        step += APPROACH_STEP
-    return None
+        days = timesheet_of_rounded(punches, rules, then)
+        day = next((d for d in days if d.date == today), None)
+        return day is not None and day.overtime_minutes + day.double_time_minutes > 0
+
+    if (
+        current is None
+        or now - current.start > MAX_OPEN
+        or not current.work
+        or current.work[-1][1] != now
+        or current.open_since is None
+    ):
+        return None
+    open_since = current.open_since
+    steps = [
+        APPROACH_STEP * n
+        for n in range(1, APPROACH // APPROACH_STEP + 1)
+        if now + APPROACH_STEP * n + timedelta(minutes=1) - open_since <= MAX_OPEN
+    ]
+    low, high = 0, len(steps)
+    if not steps or not over(steps[-1]):
+        return None
+    high -= 1
+    while low < high:
+        middle = (low + high) // 2
+        if over(steps[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return int(steps[low].total_seconds() // 60)
 
 
 def average_week(punches: Sequence[Punch], rules: Rules, now: datetime) -> LiveFinding | None:

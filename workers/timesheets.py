@@ -248,14 +248,24 @@ def classify(days: Sequence[Day], rules: Rules) -> None:
         )
 
 
-def timesheet(punches: Sequence[Punch], rules: Rules, now: datetime) -> list[Day]:
-    """Every local day with work, a break or a flag, in order, classified."""
+def rounded(punches: Iterable[Punch], rules: Rules) -> list[Punch]:
+    """The punches rounded (step 1), in order of time."""
     zone = ZoneInfo(rules.timezone)
-    now = now.astimezone(UTC)
-    ordered = sorted(
+    return sorted(
         (Punch(round_time(p.at, rules.rounding_minutes, zone), p.kind, p.flags) for p in punches),
         key=lambda p: p.at,
     )
+
+
+def timesheet(punches: Sequence[Punch], rules: Rules, now: datetime) -> list[Day]:
+    """Every local day with work, a break or a flag, in order, classified."""
+    return timesheet_of_rounded(rounded(punches, rules), rules, now)
+
+
+def timesheet_of_rounded(ordered: Sequence[Punch], rules: Rules, now: datetime) -> list[Day]:
+    """``timesheet`` of punches already ``rounded``."""
+    zone = ZoneInfo(rules.timezone)
+    now = now.astimezone(UTC)
     work, breaks, flags = pair(ordered, now)
     worked = split_days(work, zone)
     rested = split_days(breaks, zone)
