@@ -179,16 +179,20 @@ def live_findings(
             # A new day: another day's overtime, or California's seventh day.
             midnight = datetime.combine(today + timedelta(days=1), time(0), zone)
             quiet = min(quiet, midnight.astimezone(UTC))
-    for shift in recent:
-        key = f"shift/{shift.start.isoformat()}"
-        if rules.overtime == "california":
-            due = _missed_break(shift, MEAL_AFTER, MEAL_BREAK, now)
+    breaks = [
+        (after, length, rule)
+        for after, length, rule, applies in (
+            (MEAL_AFTER, MEAL_BREAK, "california", rules.overtime == "california"),
+            (EU_BREAK_AFTER, EU_BREAK, "eu_wtd", eu_wtd),
+        )
+        if applies
+    ]
+    for shift in recent if breaks else ():
+        for after, length, rule in breaks:
+            due = _missed_break(shift, after, length, now)
             if due is not None:
-                found.append(LiveFinding("meal_break", key, due, {"rule": "california"}))
-        if eu_wtd:
-            due = _missed_break(shift, EU_BREAK_AFTER, EU_BREAK, now)
-            if due is not None:
-                found.append(LiveFinding("meal_break", key, due, {"rule": "eu_wtd"}))
+                key = f"shift/{shift.start.isoformat()}"
+                found.append(LiveFinding("meal_break", key, due, {"rule": rule}))
     if eu_wtd:
         for before, after in itertools.pairwise(worked):
             if before.end is None or (after.end is not None and now - after.end > LOOKBACK):

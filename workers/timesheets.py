@@ -189,14 +189,22 @@ def pair(
     return work, breaks, flags
 
 
+END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
+
+
 def split_days(intervals: Iterable[Interval], zone: ZoneInfo) -> dict[date, float]:
     """Seconds per local day, each interval (in UTC) cut at local midnights."""
     seconds: dict[date, float] = {}
+    # The last day looked up: an instant in it and its end. Intervals come in time order,
+    # most within a day already looked up.
+    day, known, midnight = date.min, END_OF_TIME, END_OF_TIME
     for start, end in intervals:
         while start < end:
-            day = start.astimezone(zone).date()
-            # In UTC: datetimes sharing a zone subtract as wall clocks, an hour off across DST.
-            midnight = datetime.combine(day + timedelta(days=1), time(0), zone).astimezone(UTC)
+            if not known <= start < midnight:
+                day, known = start.astimezone(zone).date(), start
+                # In UTC: datetimes sharing a zone subtract as wall clocks, an hour off
+                # across DST.
+                midnight = datetime.combine(day + timedelta(days=1), time(0), zone).astimezone(UTC)
             cut = min(end, midnight)
             seconds[day] = seconds.get(day, 0.0) + (cut - start).total_seconds()
             start = cut
