@@ -180,16 +180,16 @@ def live_findings(
             midnight = datetime.combine(today + timedelta(days=1), time(0), zone)
             quiet = min(quiet, midnight.astimezone(UTC))
     breaks = [
-        (after, length, rule)
-        for after, length, rule, applies in (
+        (limit, length, rule)
+        for limit, length, rule, applies in (
             (MEAL_AFTER, MEAL_BREAK, "california", rules.overtime == "california"),
             (EU_BREAK_AFTER, EU_BREAK, "eu_wtd", eu_wtd),
         )
         if applies
     ]
     for shift in recent if breaks else ():
-        for after, length, rule in breaks:
-            due = _missed_break(shift, after, length, now)
+        for limit, length, rule in breaks:
+            due = _missed_break(shift, limit, length, now)
             if due is not None:
                 key = f"shift/{shift.start.isoformat()}"
                 found.append(LiveFinding("meal_break", key, due, {"rule": rule}))
