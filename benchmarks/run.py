@@ -298,7 +298,16 @@ async def provision_hub(base: str, admin_token: str, employees: int, devices: in
 
         async def put(path: str, body: dict[str, Any]) -> dict[str, Any]:
             async with gate:
-                response = await http.put(path, json=body)
+                for attempt in range(3):
+                    try:
+                        response = await http.put(path, json=body)
+                        break
+                    except httpx.TransportError:
+                        # A kept-alive connection the hub closed as this request left on
+                        # it (seen once in 50,000): a PUT can be sent again.
+                        if attempt == 2:
+                            raise
+                        await asyncio.sleep(0.5)
             if response.status_code not in (200, 201):
                 raise RuntimeError(f"PUT {path}: {response.status_code} {response.text}")
             answer: dict[str, Any] = response.json()
