@@ -91,6 +91,8 @@ class FrameLimiter:
     ``FLOOD_WINDOW_S`` (a client that ignores ``rate_limited`` errors).
     """
 
+    __slots__ = ("_bucket", "_refused", "burst", "flood", "rate_per_s")
+
     def __init__(self, rate_per_s: int, burst: int, flood: int) -> None:
         self.rate_per_s = rate_per_s
         self.burst = burst

@@ -108,6 +108,19 @@ class Session:
     transport must call ``closed`` however the connection ends.
     """
 
+    __slots__ = (
+        "_bad_frames",
+        "_floods",
+        "_heartbeat_s",
+        "_limiter",
+        "_tenant_slot",
+        "_tenants",
+        "_tokens",
+        "claims",
+        "id",
+        "state",
+    )
+
     def __init__(
         self,
         tokens: Authenticator,

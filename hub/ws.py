@@ -62,6 +62,30 @@ YIELD_EVERY_FRAMES = 16
 
 
 class Connection:
+    __slots__ = (
+        "_asgi_send",
+        "_awaiting",
+        "_close_code",
+        "_closing",
+        "_cork",
+        "_done_writing",
+        "_flush_due",
+        "_outbox",
+        "_outbox_bytes",
+        "_outbox_bytes_limit",
+        "_outbox_limit",
+        "_paused_until",
+        "_receive",
+        "_role",
+        "_uncork",
+        "_write_frame",
+        "_write_now",
+        "_writer",
+        "codec",
+        "hub",
+        "session",
+    )
+
     def __init__(
         self,
         hub: Hub,
@@ -100,10 +124,14 @@ class Connection:
         self._outbox_limit = hub.settings.send_queue_frames
         self._outbox_bytes_limit = hub.settings.send_queue_bytes
         self._outbox_bytes = 0
-        self._wake: asyncio.Future[None] | None = None
         self._closing = False
         self._role = "anonymous"
+        # Only while something waits to be written that could not be written at once: an
+        # idle socket has no task of its own besides its reader. `_flush_due` while a
+        # flush is scheduled; `_done_writing` once a close frame has gone, or the peer.
         self._writer: asyncio.Task[None] | None = None
+        self._flush_due = False
+        self._done_writing = False
         # While the client is over its rate, nothing is read from it until this (loop time).
         self._paused_until = 0.0
         # Punches this socket sent that are still to be answered, with how many copies.
@@ -112,9 +140,6 @@ class Connection:
         self._close_code: int | None = None
 
     async def run(self) -> None:
-        writer = self._writer = asyncio.create_task(
-            self._write(), name=f"ws-writer-{self.session.id}"
-        )
         metrics.CONNECTIONS.labels(self._role).inc()
         self.hub.connections.add(self)
         if self.hub.draining:
@@ -136,9 +161,11 @@ class Connection:
             metrics.disconnected(self._close_code)
             self.session.closed()
             self._closing = True
-            if not writer.done():
-                # Let the writer finish what is queued (a close frame, say) first.
+            if not self._done_writing:
+                # What is queued goes first, then the close frame.
                 self._push((1000, ""))
+            writer = self._writer
+            if writer is not None:
                 try:
                     await asyncio.wait_for(writer, timeout=5)
                 except (TimeoutError, asyncio.CancelledError):
@@ -161,14 +188,14 @@ class Connection:
     def send_framed(self, framed: Framed, tag: str) -> None:
         """Send messages a fan-out encoded and framed once for every socket of this codec.
 
-        When nothing is queued and the writer is idle they are written at once, in one
-        piece: a delta to a thousand dashboards is a thousand writes, not a thousand
-        task wake-ups as well. Otherwise they join the queue behind what is there.
+        When nothing is queued they are written at once, in one piece: a delta to a
+        thousand dashboards is a thousand writes, not a thousand scheduled flushes as
+        well. Otherwise they join the queue behind what is there.
         """
         write_now = self._write_now
         if (
             not self._outbox
-            and self._wake is not None
+            and self._writer is None
             and not self._closing
             and write_now is not None
             and write_now(framed.data)
@@ -216,10 +243,41 @@ class Connection:
             self._push((code, reason))
 
     def _push(self, item: bytes | Framed | tuple[int, str]) -> None:
+        """Queue the item. Frames leave together at the end of this turn of the event loop
+        (a commit acks several punches of this client at once); a close needs the writer,
+        at once, so that whoever waits for it has a task to wait on."""
         self._outbox.append(item)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        if self._writer is not None or self._done_writing:
+            return
+        if isinstance(item, tuple):
+            self._start_writer()
+        elif not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what is queued in one piece if the socket takes it now; else the writer
+        waits until it can."""
+        self._flush_due = False
+        outbox = self._outbox
+        if self._writer is not None or not outbox or self._done_writing:
+            return
+        write_now = self._write_now
+        if write_now is not None and not any(isinstance(item, tuple) for item in outbox):
+            binary = self.codec.binary
+            data = b"".join(
+                item.data if isinstance(item, Framed) else frame_message(item, binary)
+                for item in outbox
+                if not isinstance(item, tuple)
+            )
+            if write_now(data):
+                outbox.clear()
+                self._outbox_bytes = 0
+                return
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.session.id}")
 
     def _jump_close(self, code: int, reason: str) -> None:
         # The queue is full of frames the client is not reading: drop them and close.
@@ -458,19 +516,20 @@ class Connection:
         self.hub.broker.enqueue(action.request, reply)
 
     async def _write(self) -> None:
+        """Write what is queued, waiting while the socket's buffer is full, until nothing is
+        left or a close frame has gone."""
+        try:
+            await self._write_queued()
+        finally:
+            self._writer = None
+
+    async def _write_queued(self) -> None:
         send = self._asgi_send
         write_frame = self._write_frame
         outbox = self._outbox
         binary = self.codec.binary
-        loop = asyncio.get_running_loop()
-        while True:
-            if not outbox:
-                self._wake = loop.create_future()
-                await self._wake
-                self._wake = None
-                continue
-            # Everything queued now leaves in one write: a commit acks several punches of
-            # this client at once.
+        while outbox:
+            # Everything queued now leaves in one write.
             self._cork()
             try:
                 while outbox:
@@ -480,6 +539,7 @@ class Connection:
                     elif isinstance(item, bytes):
                         self._outbox_bytes -= len(item)
                     if isinstance(item, tuple):
+                        self._done_writing = True
                         close = {"type": "websocket.close", "code": item[0], "reason": item[1]}
                         await send(close)
                         return
@@ -499,6 +559,7 @@ class Connection:
                         await send(message)
             except (OSError, RuntimeError):
                 # The peer is gone; the reader notices too and ends the session.
+                self._done_writing = True
                 return
             finally:
                 self._uncork()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import jwt
 import pytest
 
+from hub import tokens
 from hub.tokens import TokenError, TokenIssuer, key_id
 
 OLD = "old-signing-key-" + "o" * 32
@@ -70,3 +73,35 @@ def test_a_device_token_version_must_be_a_positive_integer(version: object) -> N
     )
     with pytest.raises(TokenError, match="`ver`"):
         TokenIssuer(NEW).verify(token)
+
+
+def test_a_remembered_token_still_expires_and_the_memory_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    issuer = TokenIssuer(NEW)
+    token, exp = issuer.issue(tenant="acme", role="admin", sub="root", ttl_s=60)
+    assert issuer.verify(token).sub == "root"
+    checked: list[str] = []
+    real = issuer._verify
+
+    def counting(token: str) -> tokens.Claims:
+        checked.append(token)
+        return real(token)
+
+    monkeypatch.setattr(issuer, "_verify", counting)
+    assert issuer.verify(token).exp == exp
+    assert checked == [], "the signature was checked again"
+    monkeypatch.setattr(time, "time", lambda: exp + 0.5)
+    with pytest.raises(TokenError, match="expired"):
+        issuer.verify(token)
+    monkeypatch.undo()
+    monkeypatch.setattr(tokens, "VERIFIED_MAX", 3)
+    many = [issue(issuer, sites=[str(n)]) for n in range(5)]
+    for token in many:
+        issuer.verify(token)
+    assert list(issuer._verified) == many[2:]
+    # Tampered with after it was remembered: another string, checked afresh, refused.
+    head, body, signature = many[-1].split(".")
+    flipped = "A" if signature[10] != "A" else "B"
+    with pytest.raises(TokenError, match="not valid"):
+        issuer.verify(f"{head}.{body}.{signature[:10]}{flipped}{signature[11:]}")
