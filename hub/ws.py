@@ -377,6 +377,9 @@ class Connection:
                 metrics.CONNECTIONS.labels("anonymous").dec()
                 metrics.CONNECTIONS.labels(self._role).inc()
                 self._watch_expiry()
+            # Not kept while this waits for the next frame, which for an idle terminal is
+            # its next punch: the last frame and its text are half a KiB or more.
+            del message, payload, frame, actions
 
     def announcement(self) -> TerminalConnected | None:
         """What tells the boards this socket is a terminal's, online here; None for others."""

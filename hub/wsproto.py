@@ -279,9 +279,12 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)
         if message["type"] == "websocket.accept" and self.handshake_complete:
-            # What only the handshake needed, 1-2 KiB a socket for all of its life: the
+            # What only the handshake needed, 1-3 KiB a socket for all of its life: the
             # request and response (and their headers), and the request's headers in the
-            # scope (the application read what it wanted of them before accepting).
+            # scope (the application read what it wanted of them before accepting). The
+            # request itself lives on in a local of websockets' parser (a generator that
+            # parses frames from then on), so its headers are emptied in place.
+            self.request.headers.clear()
             del self.request, self.response
             self.scope["headers"] = []
         if (
