@@ -453,14 +453,15 @@ def create_app(hub: Hub) -> ASGIApp:
         else:
             await app(scope, receive, send)
 
-    async def hub_app(scope: Scope, receive: Receive, send: Send) -> None:
-        # Punch traffic goes straight to the WebSocket layer; see hub/ws.py for why.
+    def hub_app(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Punch traffic goes straight to the WebSocket layer; see hub/ws.py for why. Not a
+        # coroutine itself: each socket's task holds one frame less (uvicorn is told the
+        # interface, `asgi3`, rather than guessing it from a coroutine function).
         if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
-            await websocket_endpoint(hub, scope, receive, send)
-        elif scope["type"] == "http":
-            await _observed(http_app, scope, receive, send)
-        else:
-            await app(scope, receive, send)
+            return websocket_endpoint(hub, scope, receive, send)
+        if scope["type"] == "http":
+            return _observed(http_app, scope, receive, send)
+        return app(scope, receive, send)
 
     return hub_app
 

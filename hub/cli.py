@@ -254,6 +254,7 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
             host=settings.host,
             port=settings.port,
             ws=HubWebSocketProtocol,
+            interface="asgi3",
             ws_max_size=settings.max_frame_bytes,
             # Frames are small JSON and leave framed once for a whole fan-out (hub/wsproto.py),
             # uncompressed; a negotiated permessage-deflate would only cost every socket a

@@ -68,8 +68,9 @@ class TokenIssuer:
         self._secret = secret
         self._kid = key_id(secret)
         self._keys = {key_id(key): key for key in (*previous, secret)}
-        # Token -> its claims, oldest first; the keys never change for this issuer.
-        self._verified: dict[str, Claims] = {}
+        # SHA-256 of the token -> its claims, oldest first (the digest, 32 bytes, not the
+        # token, some 250); the keys never change for this issuer.
+        self._verified: dict[bytes, Claims] = {}
 
     def issue(
         self,
@@ -103,12 +104,13 @@ class TokenIssuer:
 
     def verify(self, token: str) -> Claims:
         """The token's claims if it is signed with an accepted key and has not expired."""
-        claims = self._verified.get(token)
+        digest = hashlib.sha256(token.encode()).digest()
+        claims = self._verified.get(digest)
         if claims is None:
             claims = self._verify(token)
             if len(self._verified) >= VERIFIED_MAX:
                 del self._verified[next(iter(self._verified))]
-            self._verified[token] = claims
+            self._verified[digest] = claims
         # Checked on every use: a remembered token expires like any other (PyJWT's rule).
         if claims.exp <= time.time():
             raise TokenError("the token has expired")

@@ -46,6 +46,7 @@ from hub.session import (
     Session,
     SubmitPunch,
 )
+from hub.timers import Deadline, Deadlines
 from hub.tokens import Claims, TokenError
 from hub.wsproto import CORK_EXTENSION, Framed, frame_message
 from workers.persist import PunchOutcome, StoreUnavailable
@@ -69,6 +70,7 @@ class Connection:
         "_closing",
         "_cork",
         "_done_writing",
+        "_expiry",
         "_flush_due",
         "_outbox",
         "_outbox_bytes",
@@ -131,6 +133,8 @@ class Connection:
         # flush is scheduled; `_done_writing` once a close frame has gone, or the peer.
         self._writer: asyncio.Task[None] | None = None
         self._flush_due = False
+        # When the token expires (hub/timers.py): a close with 4001 then, unless refreshed.
+        self._expiry: Deadline | None = None
         self._done_writing = False
         # While the client is over its rate, nothing is read from it until this (loop time).
         self._paused_until = 0.0
@@ -148,6 +152,10 @@ class Connection:
         try:
             await self._read()
         finally:
+            if self._expiry is not None:
+                # Else the deadline would keep this connection alive until the token expires.
+                Deadlines.of(asyncio.get_running_loop()).cancel(self._expiry)
+                self._expiry = None
             self.hub.connections.discard(self)
             self.hub.live.drop(self)
             claims = self.session.claims
@@ -426,7 +434,8 @@ class Connection:
             return
         remaining = claims.exp - time.time()
         if remaining > 0:
-            asyncio.get_running_loop().call_later(remaining, self._watch_expiry)
+            loop = asyncio.get_running_loop()
+            self._expiry = Deadlines.of(loop).at(loop.time() + remaining, self._watch_expiry)
             return
         self.send(
             p.Error(code="token_expired", message="the token expired; connect again with a new one")

@@ -35,6 +35,8 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
+from hub.timers import Deadline, Deadlines
+
 CORK_EXTENSION: Final = "attendance.cork"
 # Bytes of input handed to the WebSocket parser at a time.
 PARSE_SLICE: Final = 4 * 1024
@@ -236,6 +238,24 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = Inbox()
         self.writable = Flag()
+        # The next keepalive ping, among all sockets' (hub/timers.py), not a handle of its own.
+        self.ping_deadline: Deadline | None = None
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        deadlines = Deadlines.of(self.loop)
+        self.ping_deadline = deadlines.at(self.loop.time() + delay, self.send_keepalive_ping)
+
+    def send_keepalive_ping(self) -> None:
+        self.ping_deadline = None
+        super().send_keepalive_ping()
+
+    def stop_keepalive(self) -> None:
+        if self.ping_deadline is not None:
+            Deadlines.of(self.loop).cancel(self.ping_deadline)
+            self.ping_deadline = None
+        super().stop_keepalive()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.corkable = CorkableTransport(cast(asyncio.Transport, transport))
@@ -287,6 +307,11 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request.headers.clear()
             del self.request, self.response
             self.scope["headers"] = []
+            # Nor what else of the scope only the handshake needed (uvicorn's own log lines
+            # after it use the client and the path, which stay).
+            scope = cast(dict[str, Any], self.scope)
+            for key in ("asgi", "state", "subprotocols", "raw_path", "query_string", "extensions"):
+                scope.pop(key, None)
         if (
             message["type"] == "websocket.close"
             and message.get("code") in SHUT_OUT_CODES
