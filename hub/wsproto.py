@@ -298,6 +298,15 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)
+        if (
+            message["type"] == "websocket.http.response.body"
+            and not message.get("more_body", False)
+            and self.close_sent
+        ):
+            # A handshake refused with a response of ours (503 while draining, 429, 403) is
+            # over: uvicorn (0.54) would otherwise log "ASGI callable returned without
+            # completing handshake" as an error, once per refusal.
+            self.handshake_complete = True
         if message["type"] == "websocket.accept" and self.handshake_complete:
             # What only the handshake needed, 1-3 KiB a socket for all of its life: the
             # request and response (and their headers), and the request's headers in the

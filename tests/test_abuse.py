@@ -307,6 +307,8 @@ async def test_a_handshake_from_another_origin_is_refused_403_before_any_frame(
     assert error["code"] == "origin_not_allowed"
     assert "https://evil.example" in error["message"]
     assert await refusal_count(limited_hub.base_url, "origin") == before + 1
+    # A refusal is no error of the hub's.
+    assert "without completing handshake" not in limited_hub.log_path.read_text()
 
 
 @pytest.mark.parametrize(
