@@ -38,6 +38,8 @@ log = logging.getLogger("attendance_hub")
 
 ADMIN_TOKEN_TTL_S = 30 * 24 * 3600
 DRAIN_TIMEOUT_S = 10.0
+# Connections waiting to be accepted (uvicorn's default is 2048); see `serve`.
+LISTEN_BACKLOG = 16_384
 
 
 class CliError(Exception):
@@ -255,6 +257,11 @@ def serve(settings: Settings, *, demo: bool, no_workers: bool) -> None:
             port=settings.port,
             ws=HubWebSocketProtocol,
             interface="asgi3",
+            # The queue of connections the kernel has accepted for us: after a restart
+            # thousands of terminals connect at once, and a full queue drops their SYNs,
+            # which they resend only after 1, 3, 7 s. The kernel caps it at
+            # net.core.somaxconn (4096 by default).
+            backlog=LISTEN_BACKLOG,
             ws_max_size=settings.max_frame_bytes,
             # Frames are small JSON and leave framed once for a whole fan-out (hub/wsproto.py),
             # uncompressed; a negotiated permessage-deflate would only cost every socket a
