@@ -17,6 +17,7 @@ from typing import Any, Final
 
 # A deadline: [when (loop time), sequence number, callback, or None once cancelled].
 Deadline = list[Any]
+CLOCK_RESOLUTION_S: Final = 0.001
 
 _BY_LOOP: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines]] = (
     weakref.WeakKeyDictionary()
@@ -32,6 +33,7 @@ class Deadlines:
         self._order = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
         self._cancelled = 0
+        self._firing = False
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> Deadlines:
@@ -54,8 +56,9 @@ class Deadlines:
             return
         deadline[2] = None
         self._cancelled += 1
-        # Far deadlines (a token's, days away) of sockets long gone would pile up.
-        if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
+        # Far deadlines (a token's, days away) of sockets long gone would pile up. Not while
+        # firing: that walks the heap.
+        if not self._firing and self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
             self._heap = [d for d in self._heap if d[2] is not None]
             heapq.heapify(self._heap)
             self._cancelled = 0
@@ -74,7 +77,10 @@ class Deadlines:
     def _fire(self) -> None:
         self._handle = None
         heap = self._heap
-        now = self._loop.time()
+        # A loop's timer may fire up to its clock's resolution early (uvloop's: 1 ms); what
+        # falls due within it runs now rather than in another turn of the loop.
+        now = self._loop.time() + CLOCK_RESOLUTION_S
+        self._firing = True
         try:
             while heap and heap[0][0] <= now:
                 deadline = heapq.heappop(heap)
@@ -84,4 +90,5 @@ class Deadlines:
                 else:
                     callback()
         finally:
+            self._firing = False
             self._arm()

@@ -272,3 +272,17 @@ def test_overtime_approaching_within_a_shift_about_to_count_as_a_missing_clock_o
     [finding] = live_findings(thursday, FLSA, at(15, 3)).findings
     assert (finding.kind, finding.detail["within_minutes"]) == ("overtime_approaching", 30)
     assert naive_crossing(thursday, FLSA, at(15, 3)) == 30
+
+
+def test_the_seventh_day_in_california_is_watched_from_its_first_minute() -> None:
+    # Six days with work, then in on Sunday (the seventh day of a Monday week).
+    week = [
+        punch for day in range(6) for punch in (Punch(at(8, day), "in"), Punch(at(12, day), "out"))
+    ]
+    sunday = [*week, Punch(at(8, 6), "in")]
+    first = live_findings(sunday, CALIFORNIA, at(8, 6) + timedelta(seconds=10))
+    # No worked minute yet, so no overtime yet (it is approaching): but the employee is to
+    # be judged again at once, not hours later.
+    assert [f.kind for f in first.findings] == ["overtime_approaching"]
+    assert first.quiet_until <= at(8, 6) + timedelta(seconds=10)
+    assert kinds(sunday, CALIFORNIA, at(8, 6) + timedelta(minutes=2)) == ["overtime"]

@@ -43,3 +43,23 @@ async def test_far_deadlines_cancelled_in_numbers_do_not_pile_up() -> None:
     assert ran == [1] and soon[2] is None
     assert len(kept) == 10
     assert Deadlines.of(loop) is Deadlines.of(loop)
+
+
+async def test_a_callback_may_cancel_many_while_they_fire() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    now = loop.time()
+    far = [deadlines.at(now + 3600 + n, lambda: None) for n in range(200)]
+    ran: list[str] = []
+
+    def cancel_all() -> None:
+        for deadline in far:
+            deadlines.cancel(deadline)
+        ran.append("cancelled")
+
+    deadlines.at(now + 0.01, cancel_all)
+    deadlines.at(now + 0.01, lambda: ran.append("beside"))
+    deadlines.at(now + 0.03, lambda: ran.append("after"))
+    await asyncio.sleep(0.08)
+    assert ran == ["cancelled", "beside", "after"]
+    assert len(deadlines) == 0

@@ -230,6 +230,12 @@ def _overtime_nears(days: dict[date, Day], rules: Rules, now: datetime, today: d
     week = week_of(today, rules.workweek_start)
     room = WEEK_REGULAR - sum(d.worked_minutes for d in days.values() if week <= d.date <= today)
     if rules.overtime == "california":
+        worked = {
+            (d.date - week).days for d in days.values() if week <= d.date and d.worked_minutes
+        }
+        if (today - week).days == 6 and worked >= set(range(6)):
+            # The seventh day after six with work: its first worked minute is overtime.
+            return now
         room = min(room, DAY_REGULAR - (days[today].worked_minutes if today in days else 0))
     return now + timedelta(minutes=room) - APPROACH - timedelta(minutes=1) - QUIET_MARGIN
 
