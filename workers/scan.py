@@ -299,7 +299,7 @@ class OvertimeScan:
             watched = Watched(record["tenant"], record["employee"])
             watched.place(record)
             self._watched[watched.tenant, watched.employee] = watched
-        self._take(await self._history(conn, self._watched, now))
+        self._take(await self._history(conn, self._watched, now - HISTORY))
         self._loaded = now
         return list(self._watched.values())
 
@@ -325,7 +325,7 @@ class OvertimeScan:
         for key in arrived:
             self._watched[key] = Watched(*key)
         self._take(row for row in rows if (row["tenant"], row["employee"]) not in arrived)
-        self._take(await self._history(conn, arrived, now))
+        self._take(await self._history(conn, arrived, now - HISTORY))
         judge.update((r["tenant"], r["employee"]) for r in rows)
         changed = await self._changes(conn, clock["now"])
         changed.intersection_update(self._watched)
@@ -358,14 +358,13 @@ class OvertimeScan:
         return changed
 
     async def _history(
-        self, conn: Conn, keys: Iterable[Key], now: datetime
+        self, conn: Conn, keys: Iterable[Key], since: datetime
     ) -> list[asyncpg.Record]:
+        """The employees' punches from ``since`` on."""
         keys = list(keys)
         if not keys:
             return []
-        return await conn.fetch(
-            PUNCHES_SQL, [k[0] for k in keys], [k[1] for k in keys], now - HISTORY
-        )
+        return await conn.fetch(PUNCHES_SQL, [k[0] for k in keys], [k[1] for k in keys], since)
 
     def _take(self, rows: Iterable[asyncpg.Record]) -> None:
         """Add punches to whom they belong (if followed), noting how late a commit has
@@ -400,9 +399,12 @@ class OvertimeScan:
         watched = [w for w in self._watched.values() if w.eu_wtd]
         if not watched:
             return []
-        rows = await self._history_since(
-            conn, watched, now - timedelta(weeks=EU_REFERENCE_WEEKS + 2)
-        )
+        since = now - timedelta(weeks=EU_REFERENCE_WEEKS + 2)
+        rows: dict[Key, list[Punch]] = {}
+        for row in await self._history(conn, ((w.tenant, w.employee) for w in watched), since):
+            rows.setdefault((row["tenant"], row["employee"]), []).append(
+                Punch(row["at"], row["kind"])
+            )
         alerts = []
         for employee in watched:
             finding = average_week(
@@ -411,22 +413,6 @@ class OvertimeScan:
             if finding is not None:
                 alerts.append(_alert(employee, finding, now))
         return alerts
-
-    async def _history_since(
-        self, conn: Conn, employees: list[Watched], since: datetime
-    ) -> dict[Key, list[Punch]]:
-        rows = await conn.fetch(
-            PUNCHES_SQL,
-            [e.tenant for e in employees],
-            [e.employee for e in employees],
-            since,
-        )
-        punches: dict[Key, list[Punch]] = {}
-        for row in rows:
-            punches.setdefault((row["tenant"], row["employee"]), []).append(
-                Punch(row["at"], row["kind"])
-            )
-        return punches
 
 
 def _late(shift: asyncpg.Record, now: datetime) -> Alert:
