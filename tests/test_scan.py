@@ -178,3 +178,24 @@ async def test_a_punch_committed_after_a_later_one_is_still_read(
         assert (await scanner.at(start + timedelta(minutes=2)))[0] == [("missing_clock_out", "e3")]
     finally:
         await slow.close()
+
+
+async def test_the_eu_average_week_is_read_from_the_database(
+    system: asyncpg.Pool, owner: asyncpg.Connection, bare_tenant: str, judged: list[int]
+) -> None:
+    await set_policy(owner, bare_tenant, {"eu_wtd": True})
+    start = datetime.now(UTC)
+    # Six ten-hour days a week for twenty weeks: 60 hours, over the 48 allowed on average.
+    for days in range(1, 140):
+        day = (start - timedelta(days=days)).replace(hour=6, minute=0)
+        if day.weekday() < 6:
+            await punch(owner, bare_tenant, "e1", "in", day)
+            await punch(owner, bare_tenant, "e1", "out", day + timedelta(hours=10))
+    scanner = Scanner(system, bare_tenant, judged)
+    raised, _ = await scanner.at(start)
+    assert ("overtime", "e1") in raised
+    alerts = await owner.fetch(
+        "SELECT detail->>'rule' AS rule FROM alerts WHERE tenant = $1 AND kind = 'overtime'",
+        bare_tenant,
+    )
+    assert [a["rule"] for a in alerts] == ["eu_wtd_48h"]
