@@ -51,6 +51,7 @@ import httpx
 import psutil
 import run as bench
 from loadgen import _pid_cpu_s, _pids_running, machine_busy_s
+from pgwatch import PgWatch
 
 from hub.config import Settings
 
@@ -987,9 +988,11 @@ def cmd_soak(args: argparse.Namespace) -> dict[str, Any]:
             locust.wait_connected(timeout=n / args.spawn_rate + 120)
             time.sleep(args.warmup_s)
         meter = CpuMeter(s.hubs, s.database, locust)
+        watch = stack.enter_context(PgWatch(s.dsn, f"http://127.0.0.1:{s.hub.port}/metrics"))
         start = next_slot(time.time())
         sleep_until(start)
         previous = meter.sample()
+        watch.minute()
         previous_status = locust.status() if locust else None
         for minute in range(args.minutes):
             end = start + 60 * (minute + 1)
@@ -1015,6 +1018,7 @@ def cmd_soak(args: argparse.Namespace) -> dict[str, Any]:
                 row["window"] = (end - 60, end)
                 previous_status = status
             previous = sample
+            row["postgres"] = watch.minute()
             minutes.append(row)
             latency = ""
             if "p99_ms" in row:
@@ -1032,6 +1036,7 @@ def cmd_soak(args: argparse.Namespace) -> dict[str, Any]:
                 f"{cpu['hub']:.0f}%, driver {cpu['driver']:.0f}%, other {cpu['other']:.0f}%"
                 + latency
             )
+            log(f"    {PgWatch.line(row['postgres'])}")
         if locust is not None:
             locust.control({"punching": False})
             locust.wait_settled(args.settle_timeout_s)
