@@ -13,13 +13,13 @@ that outgrew shared_buffers, autovacuum) from a hub-side one.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 from collections import Counter
 from typing import Any
 
 import asyncpg
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 COUNTERS_SQL = """
 SELECT b.checkpoints_timed, b.checkpoints_req, b.buffers_checkpoint, b.buffers_clean,
@@ -56,9 +56,12 @@ DELTAS = (
     "autovacuums",
     "autoanalyzes",
 )
-COMMIT_METRIC = re.compile(
-    r"^attendance_punch_(commit_duration_seconds|batch_size)_(sum|count) ([0-9.e+-]+)$", re.M
-)
+# The hub's histograms whose _sum and _count give each minute's mean commit and batch.
+COMMIT_SAMPLES = {
+    "attendance_punch_commit_duration_seconds_sum": "commit_duration_seconds_sum",
+    "attendance_punch_commit_duration_seconds_count": "commit_duration_seconds_count",
+    "attendance_punch_batch_size_sum": "batch_size_sum",
+}
 # The checkpointer waits on this between writes while it spreads a checkpoint out.
 CHECKPOINTER_IDLE = {"CheckpointerMain"}
 
@@ -118,7 +121,12 @@ class PgWatch:
             text = httpx.get(self.metrics_url, timeout=5).text
         except httpx.HTTPError:
             return {}
-        return {f"{m[1]}_{m[2]}": float(m[3]) for m in COMMIT_METRIC.finditer(text)}
+        return {
+            COMMIT_SAMPLES[sample.name]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name in COMMIT_SAMPLES
+        }
 
     def minute(self) -> dict[str, Any]:
         """The change since the last call (the first call only sets the baseline)."""
